@@ -1,0 +1,92 @@
+"""DINO: self-distillation with no labels.
+
+Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers", arXiv 2104.14294.
+
+- Student ``g_s`` and teacher ``g_t``: the same backbone + ``DINOHead``; the teacher is an EMA of the
+  student, ``theta_t <- l theta_t + (1 - l) theta_s`` with ``l`` 0.996 -> 1 on a cosine (Eq. 2;
+  applied by the runner through ``momentum_pairs``).
+- Multi-crop: the teacher sees the 2 global crops, the student every crop.
+- Loss (Eq. 1-3): ``sum_{x in globals} sum_{x' != x} H(P_t(x), P_s(x'))`` with
+  ``P_s = softmax(g_s / tau_s)``, ``P_t = softmax((g_t - C) / tau_t)``; see ``sslbench.losses.dino_loss``.
+- Centering (Eq. 4): ``C <- m C + (1 - m) mean(g_t)`` with m = 0.9; sharpening by tau_t = 0.04
+  (optionally warmed up from ``warmup_teacher_temp``) against tau_s = 0.1.
+- The last layer of the student head is frozen during the first epoch (reference recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
+from sslbench.augment import ViewRecipe, multi_crop
+from sslbench.backbones import multicrop_forward
+from sslbench.heads import DINOHead
+from sslbench.losses import dino_loss, updated_center
+from sslbench.momentum import ema_copy
+from sslbench.schedules import linear_warmup_then_constant
+
+IMAGENET_SCALE = 128  # images at least this large get the paper's 65536-way head
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int | None = None  # None: 65536 at ImageNet scale (the paper), 4096 on small images
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    local_crops_number: int = 10  # the paper's 2x224 + 10x96 multi-crop
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # the paper warms 0.04 -> 0.07 over 30 epochs for some runs
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: int = 1
+
+
+@register_method("dino")
+class DINO(Method):
+    paper = "Caron et al. 2021, arXiv 2104.14294"
+    Config = DINOConfig
+
+    def __init__(self, backbone: Backbone, config: DINOConfig, context: TrainContext) -> None:
+        super().__init__(backbone, config, context)
+        if config.out_dim is None:
+            config.out_dim = 65536 if context.image_size >= IMAGENET_SCALE else 4096
+        self.head = DINOHead(backbone.feat_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
+                             norm_last_layer=config.norm_last_layer)
+        self.teacher_backbone = ema_copy(backbone)
+        self.teacher_head = ema_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, config.out_dim))
+        self.teacher_temps = linear_warmup_then_constant(
+            config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs,
+            context.epochs, context.iterations_per_epoch,
+        )
+
+    def view_recipe(self) -> ViewRecipe:
+        cfg = self.config
+        return multi_crop(cfg.local_crops_number, tuple(cfg.global_crops_scale), tuple(cfg.local_crops_scale))
+
+    def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
+        student_out = multicrop_forward(self.backbone, views, self.head)
+        with torch.no_grad():
+            teacher_out = multicrop_forward(self.teacher_backbone, views[:2], self.teacher_head)
+        teacher_temp = float(self.teacher_temps[min(step.iteration, len(self.teacher_temps) - 1)])
+        loss = dino_loss(student_out, teacher_out, self.center, self.config.student_temp, teacher_temp)
+        self.center.copy_(updated_center(self.center, teacher_out, self.config.center_momentum))
+        return StepOutput(loss, {"teacher_temp": teacher_temp})
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def eval_backbone(self) -> Backbone:
+        return self.teacher_backbone
+
+    def after_backward(self, step: Step) -> None:
+        if step.epoch < self.config.freeze_last_layer_epochs:
+            for param in self.head.last_layer.parameters():
+                param.grad = None

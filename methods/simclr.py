@@ -1,0 +1,53 @@
+"""SimCLR: a simple framework for contrastive learning of visual representations.
+
+Chen et al. 2020, arXiv 2002.05709.
+
+- Encoder ``f`` (the backbone) and projection head ``g``: MLP with one hidden layer (2048 -> 128, BN
+  as in the reference code); the loss is on ``z = g(f(x))`` (Sec. 2.1).
+- NT-Xent (Eq. 1): ``l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)``
+  over the 2N views of a batch, averaged over all positive pairs (Algorithm 1).
+- tau: 0.5 on small images (the paper's CIFAR-10 recipe, Appendix B.9), 0.1 at ImageNet scale.
+- Views: two draws of the same augmentation (crop, flip, colour distortion, grayscale, blur).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
+from sslbench.augment import ViewRecipe, two_views
+from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
+from sslbench.heads import MLPHead
+from sslbench.losses import nt_xent_loss
+
+LARS_RECIPE = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "weight_decay_end": 1e-6,
+               "warmup_epochs": 10, "clip_grad": 0.0}
+
+
+@dataclass
+class SimCLRConfig:
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    temperature: float | None = None  # None: 0.5 on small images, 0.1 at ImageNet scale
+
+
+@register_method("simclr")
+class SimCLR(Method):
+    paper = "Chen et al. 2020, arXiv 2002.05709"
+    Config = SimCLRConfig
+    paper_recipe = {"resnet": LARS_RECIPE}  # Sec. B.1: LARS, lr 0.3 x B/256, wd 1e-6, 10 warm-up epochs
+
+    def __init__(self, backbone: Backbone, config: SimCLRConfig, context: TrainContext) -> None:
+        super().__init__(backbone, config, context)
+        if config.temperature is None:
+            config.temperature = 0.5 if context.image_size <= SMALL_IMAGE_MAX else 0.1
+        self.projector = MLPHead(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim)
+
+    def view_recipe(self) -> ViewRecipe:
+        return two_views(asymmetric=False)
+
+    def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
+        z1, z2 = multicrop_forward(self.backbone, views, self.projector)
+        return StepOutput(nt_xent_loss(z1, z2, self.config.temperature))

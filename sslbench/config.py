@@ -1,0 +1,222 @@
+"""RunConfig: defaults <- preset YAML <- user YAML <- CLI flags <- ``--set key=value``.
+
+Every layer is validated the same way: an unknown key is an error that suggests the closest valid
+one, and a value of the wrong type is an error naming the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sslbench.errors import SSLBenchError, unknown_name_message
+
+PRESETS = ("quick", "cifar10", "imagenet")
+
+
+@dataclass
+class TrainConfig:
+    """The schedule every method in a run shares. Defaults: the DINO reference recipe."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | sgd | lars
+    lr: float = 5e-4  # per 256 images: the used lr is lr * batch_size / 256 (linear scaling rule)
+    min_lr: float = 1e-6  # the cosine ends here
+    warmup_epochs: float = 10  # linear warm-up of the lr from 0
+    weight_decay: float = 0.04  # cosine from weight_decay to weight_decay_end; none on biases and norms
+    weight_decay_end: float = 0.4
+    momentum: float = 0.9  # SGD / LARS momentum
+    ema_momentum: float = 0.996  # teacher/target EMA, cosine to ema_momentum_end per iteration
+    ema_momentum_end: float = 1.0
+    clip_grad: float = 3.0  # per-parameter gradient norm clip as in DINO; 0 disables
+    drop_path_rate: float = 0.1  # stochastic depth in ViTs (DINO's ViT-S value)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    num_workers: int = 0  # data-loading processes; 0 loads in the training process
+    train_per_class: int | None = None  # train on a balanced subset of this many images per class
+    log_every: int = 10  # iterations between metrics.jsonl lines
+
+
+@dataclass
+class EvalConfig:
+    """Frozen-feature evaluation. Defaults: the DINO k-NN protocol and a linear probe with an lr sweep."""
+
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_headline_k: int = 20
+    knn_temperature: float = 0.07
+    linear: bool = True
+    linear_epochs: int = 100
+    linear_lrs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    linear_val_fraction: float = 0.1
+    train_per_class: int | None = None  # feature bank: a balanced subset of the training split
+    test_per_class: int | None = None
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    methods: list[str] = field(default_factory=lambda: ["dino", "byol"])
+    archs: list[str] = field(default_factory=lambda: ["vit_s16"])
+    dataset: str = "embedded"  # embedded | cifar10 | imagefolder:PATH
+    data_root: str | None = None
+    download: bool = False
+    image_size: int | None = None  # None: the dataset's own (32 for CIFAR, 224 for image folders)
+    preset: str = "quick"
+    recipe: str = "shared"  # shared: one schedule for all; paper: each method's published recipe
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Per-method hyper-parameters, written as top-level sections named after the method (``dino:``).
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, list | tuple) and len(value) == len(args) and all(
+            _type_ok(v, a) for v, a in zip(value, args, strict=True))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+
+
+def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Validate ``data`` against dataclass ``cls``; nested dataclasses recurse."""
+    if not isinstance(data, dict):
+        raise SSLBenchError(f"config section '{where or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise SSLBenchError(unknown_key_message(path, [f"{where}.{k}" if where else k for k in fields]))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_dataclass(hint, value, path)
+            continue
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, list) and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        if not _type_ok(value, hint):
+            raise SSLBenchError(f"config key '{path}' must be {_type_name(hint)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def unknown_key_message(path: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{path}'{hint} (valid keys here: {', '.join(sorted(valid))})"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise SSLBenchError(f"config file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file}, line {mark.line + 1}" if mark is not None else str(file)
+        raise SSLBenchError(f"YAML syntax error in {where}: {getattr(error, 'problem', error)}") from error
+    if not isinstance(data, dict):
+        raise SSLBenchError(f"config file {file} must hold a mapping of keys to values")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise SSLBenchError(unknown_name_message("preset", name, PRESETS))
+    text = resources.files("sslbench.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """``train.epochs=3`` -> ``{"train": {"epochs": 3}}``; values are parsed as YAML scalars/lists."""
+    if "=" not in assignment:
+        raise SSLBenchError(f"--set expects key=value (e.g. train.epochs=3), got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def resolve_config(layers: list[dict[str, Any]], method_names: list[str]) -> RunConfig:
+    """Merge the layers in order, move method sections aside, validate everything but method options."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge(merged, layer)
+    top_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"method_options"}
+    method_options = {k: merged.pop(k) for k in list(merged) if k in method_names and k not in top_fields}
+    merged.pop("method_options", None)
+    unknown = [k for k in merged if k not in top_fields]
+    if unknown:
+        valid = sorted(top_fields) + [f"{m} (method options)" for m in method_names]
+        raise SSLBenchError(unknown_key_message(unknown[0], valid))
+    config = build_dataclass(RunConfig, merged, "")
+    for name, options in method_options.items():
+        if not isinstance(options, dict):
+            raise SSLBenchError(f"config section '{name}' (options of method {name}) must be a mapping")
+    config.method_options = method_options
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    options = data.pop("method_options")
+    data.update(options)
+    return data
+
+
+def config_hash(payload: dict[str, Any]) -> str:
+    """A short, stable hash of what determines a number (for the protocol record)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

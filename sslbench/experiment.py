@@ -1,0 +1,88 @@
+"""A run: every (method, arch) pair through the one runner, then the report.
+
+A failure in one pair is recorded in its eval.json and the others go on; every file is written
+atomically, and the report is rebuilt from files alone.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from sslbench.atomic_io import write_json_atomic, write_text_atomic
+from sslbench.backbones import arch_spec
+from sslbench.config import RunConfig, config_to_dict
+from sslbench.datasets import load_dataset
+from sslbench.errors import SSLBenchError
+from sslbench.registry import get_method, list_methods
+from sslbench.report import load_results, write_report
+from sslbench.runner import plan_pair, train_and_evaluate
+
+
+@dataclass
+class RunOutcome:
+    out_dir: Path
+    results: pd.DataFrame
+    failed: list[str]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SSLBenchError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SSLBenchError(f"device '{name}' was requested but no CUDA GPU is available: use --device cpu "
+                            "or --device auto")
+    return device
+
+
+def default_out_dir(config: RunConfig) -> Path:
+    return Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
+
+
+def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
+    """Validate everything up front (names, options, data), then train and evaluate each pair."""
+    methods = {name: get_method(name) for name in config.methods}
+    for arch in config.archs:
+        arch_spec(arch)
+    device = resolve_device(config.device)
+    plans = [plan_pair(cls, arch, config, device) for cls in methods.values() for arch in config.archs]
+    data = load_dataset(config.dataset, config.data_root, config.image_size, config.download)
+
+    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    sources = list_methods()
+
+    failed: list[str] = []
+    for plan in plans:
+        name = plan.method_cls.name
+        pair_dir = out_dir / f"{name}-{plan.arch}"
+        pair_dir.mkdir(parents=True, exist_ok=True)
+        record = {"method": name, "arch": plan.arch, "method_source": sources.get(name, "unknown")}
+        started = time.perf_counter()
+        try:
+            record |= train_and_evaluate(plan, config, data, pair_dir, show_progress)
+        except Exception as error:  # one broken pair must not cost the others their results
+            reason = str(error) if isinstance(error, SSLBenchError) else f"{type(error).__name__}: {error}"
+            if not isinstance(error, SSLBenchError):
+                write_text_atomic(pair_dir / "traceback.txt", traceback.format_exc())
+            record |= {"status": "failed", "error": reason, "knn": None, "linear": None,
+                       "train": None, "protocol": {"recipe": plan.recipe, "seed": config.seed}}
+            failed.append(f"{name}-{plan.arch}: {reason}")
+        record["total_wall_s"] = round(time.perf_counter() - started, 2)
+        write_json_atomic(pair_dir / "eval.json", record)
+
+    results = load_results([out_dir])
+    write_report(results, out_dir)
+    return RunOutcome(out_dir, results, failed)

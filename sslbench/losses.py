@@ -1,0 +1,69 @@
+"""The papers' loss functions as plain functions of tensors, each tested against the paper's pseudo-code.
+
+Methods call these; nothing here knows about backbones, views or the runner.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dino_loss(
+    student_out: list[Tensor],
+    teacher_out: list[Tensor],
+    center: Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> Tensor:
+    """DINO cross-entropy, Caron et al. 2021 (arXiv 2104.14294), Eq. 1-3 and Algorithm 1.
+
+    ``P_t = softmax((g_t(x) - C) / tau_t)``, ``P_s = softmax(g_s(x') / tau_s)`` and the loss
+    ``sum_{x in {x1_g, x2_g}} sum_{x' in V, x' != x} H(P_t(x), P_s(x'))`` averaged over the pairs,
+    where ``H(a, b) = -a log b``. ``student_out`` holds one ``(B, K)`` tensor per crop, global crops
+    first; ``teacher_out`` one per global crop. The teacher side carries no gradient.
+    """
+    teacher_probs = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher_out]
+    student_logp = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
+    total = student_out[0].new_zeros(())
+    pairs = 0
+    for t_idx, q in enumerate(teacher_probs):
+        for s_idx, logp in enumerate(student_logp):
+            if s_idx == t_idx:  # same view for teacher and student: skipped
+                continue
+            total = total + torch.sum(-q * logp, dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+def updated_center(center: Tensor, teacher_out: list[Tensor], momentum: float) -> Tensor:
+    """DINO's centering (Eq. 4): ``C <- m C + (1 - m) mean_batch(g_t(x))``, over every global crop."""
+    batch_center = torch.cat(teacher_out).float().mean(dim=0, keepdim=True)
+    return center * momentum + batch_center * (1.0 - momentum)
+
+
+def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """BYOL, Grill et al. 2020 (arXiv 2006.07733), Eq. 2: ``2 - 2 <q, z'> / (||q|| ||z'||)``.
+
+    One direction, averaged over the batch; the target carries no gradient. The method sums both
+    directions (the symmetrised ``L + L~`` of the paper).
+    """
+    q = F.normalize(prediction, dim=-1)
+    z = F.normalize(target.detach(), dim=-1)
+    return (2 - 2 * (q * z).sum(dim=-1)).mean()
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent, Chen et al. 2020 (arXiv 2002.05709), Eq. 1 and Algorithm 1.
+
+    ``l(i, j) = -log exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau)`` with cosine
+    ``sim``, averaged over all ``2N`` anchors; row ``i`` of ``z1`` and ``z2`` are the positive pair.
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    logits = z @ z.t() / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, targets)

@@ -1,0 +1,247 @@
+"""The one training loop, and evaluation of what it trained, for one (method, arch) pair.
+
+Everything shared lives here, so every method gets it identically: optimizer and parameter groups,
+per-iteration lr / weight-decay / EMA-momentum schedules, precision, gradient clipping, EMA updates of
+declared teachers, metrics, and the frozen-feature evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sslbench.atomic_io import write_text_atomic
+from sslbench.augment import build_eval_transform, build_view_transform
+from sslbench.backbones import arch_spec, create_backbone, effective_patch_size
+from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
+from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, subset_indices
+from sslbench.errors import SSLBenchError
+from sslbench.evaluate import extract_features, knn_classify, linear_probe
+from sslbench.method import Method, Step, TrainContext
+from sslbench.momentum import ema_update
+from sslbench.optim import build_optimizer, parameter_groups
+from sslbench.schedules import cosine_schedule
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Everything resolved for one (method, arch) pair before training starts."""
+
+    method_cls: type[Method]
+    arch: str
+    train: TrainConfig  # after the paper recipe, if any, was applied
+    recipe: str
+    method_options: Any
+    device: torch.device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plan_pair(method_cls: type[Method], arch: str, config: RunConfig, device: torch.device) -> PairPlan:
+    family = arch_spec(arch).family
+    train = config.train
+    recipe = "shared"
+    overrides = method_cls.paper_recipe.get(family) if config.recipe == "paper" else None
+    if overrides:
+        train = dataclasses.replace(train, **overrides)
+        recipe = f"paper ({method_cls.name}, {family})"
+    options = build_dataclass(method_cls.Config, config.method_options.get(method_cls.name, {}),
+                              method_cls.name)
+    return PairPlan(method_cls, arch, train, recipe, options, device)
+
+
+def precision_for(train: TrainConfig, device: torch.device) -> str:
+    if train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if train.precision not in ("fp32", "bf16"):
+        raise SSLBenchError(f"train.precision must be auto, fp32 or bf16, got '{train.precision}'")
+    return train.precision
+
+
+def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
+    """DINO's clipping: each parameter's gradient is clipped to ``max_norm`` on its own."""
+    for param in params:
+        if param.grad is not None:
+            norm = param.grad.detach().norm(2)
+            param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, device: torch.device,
+            drop_last: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0)
+
+
+def train_and_evaluate(plan: PairPlan, config: RunConfig, data: DatasetSplits, pair_dir: Path,
+                       show_progress: bool = True) -> dict[str, Any]:
+    """Train one pair, evaluate it on frozen features, and return the eval.json record."""
+    train_cfg, device = plan.train, plan.device
+    image_size = data.image_size
+    seed_everything(config.seed)
+    backbone = create_backbone(plan.arch, image_size, train_cfg.drop_path_rate)
+
+    train_source = data.train
+    if train_cfg.train_per_class is not None:
+        train_source = SubsetSource(train_source, subset_indices(train_source.labels, train_cfg.train_per_class,
+                                                                 config.seed))
+    iterations_per_epoch = len(train_source) // train_cfg.batch_size
+    if plan.method_cls.trainable and iterations_per_epoch == 0:
+        raise SSLBenchError(f"batch size {train_cfg.batch_size} is larger than the training set "
+                            f"({len(train_source)} images): lower --batch-size")
+    context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
+    method = plan.method_cls(backbone, plan.method_options, context).to(device)
+    recipe_views = method.view_recipe()
+    precision = precision_for(train_cfg, device)
+
+    train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
+    if plan.method_cls.trainable:
+        dataset = TransformDataset(train_source, build_view_transform(recipe_views, image_size, data.mean,
+                                                                      data.std))
+        loader = _loader(dataset, train_cfg.batch_size, True, config.seed, train_cfg.num_workers, device,
+                         drop_last=True)
+        train_summary = train_loop(method, loader, train_cfg, precision, device, pair_dir, show_progress)
+
+    metrics = evaluate_method(method, config, data, device)
+    patch = effective_patch_size(plan.arch, image_size)
+    protocol = {
+        "dataset": data.name, "dataset_description": data.description,
+        "train_images": len(train_source) if plan.method_cls.trainable else 0,
+        "test_images": metrics.pop("test_images"), "knn_bank_images": metrics.pop("bank_images"),
+        "image_size": image_size, "patch_size": patch, "crops": recipe_views.describe(image_size),
+        "epochs": train_cfg.epochs if plan.method_cls.trainable else 0, "batch_size": train_cfg.batch_size,
+        "optimizer": train_cfg.optimizer, "base_lr": train_cfg.lr, "recipe": plan.recipe,
+        "precision": precision, "seed": config.seed, "device": str(device),
+        "feature_source": method.feature_source if plan.method_cls.trainable else "untrained backbone",
+        "knn_k": config.eval.knn_headline_k, "knn_temperature": config.eval.knn_temperature,
+        "linear_features": method.eval_backbone().linear_features_description,
+        "linear_protocol": (f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
+                            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"),
+    }
+    protocol["config_hash"] = config_hash({
+        "train": dataclasses.asdict(train_cfg), "eval": dataclasses.asdict(config.eval),
+        "options": method.resolved_options(), "method": plan.method_cls.name, "arch": plan.arch,
+        "dataset": data.name, "image_size": image_size, "seed": config.seed,
+    })
+    return {"status": "ok", "error": None, "knn": metrics["knn"], "linear": metrics["linear"],
+            "train": train_summary, "protocol": protocol, "method_options": method.resolved_options()}
+
+
+def train_loop(method: Method, loader: DataLoader, train_cfg: TrainConfig, precision: str, device: torch.device,
+               pair_dir: Path, show_progress: bool) -> dict[str, Any]:
+    ipe, epochs = len(loader), train_cfg.epochs
+    total = ipe * epochs
+    scale = train_cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as every reference does
+    lr_schedule = cosine_schedule(train_cfg.lr * scale, train_cfg.min_lr, epochs, ipe, train_cfg.warmup_epochs)
+    wd_schedule = cosine_schedule(train_cfg.weight_decay, train_cfg.weight_decay_end, epochs, ipe)
+    momentum_schedule = cosine_schedule(train_cfg.ema_momentum, train_cfg.ema_momentum_end, epochs, ipe)
+    groups = parameter_groups([method])
+    optimizer = build_optimizer(train_cfg.optimizer, groups, train_cfg.momentum)
+    trainable = [p for group in groups for p in group["params"]]
+    pairs = method.momentum_pairs()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    channels_last = device.type == "cuda" and method.backbone.family == "resnet"
+
+    records: list[dict[str, Any]] = []
+    last_finite, last_loss = math.nan, math.nan
+    start = time.perf_counter()
+    images_seen = 0
+    method.train()
+    bar = tqdm(total=total, desc=f"{method.name}-{method.backbone.arch}", disable=not show_progress,
+               dynamic_ncols=True, leave=True)
+    for epoch in range(epochs):
+        for batch_index, (views, labels) in enumerate(loader):
+            it = epoch * ipe + batch_index
+            step = Step(it, epoch, ipe, total)
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_schedule[it])
+                if group["regularized"]:
+                    group["weight_decay"] = float(wd_schedule[it])
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                output = method.training_step(views, labels, step)
+            loss = output.loss
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise SSLBenchError(
+                    f"loss became {last_loss} at iteration {it} (epoch {epoch}); last finite loss "
+                    f"{last_finite:.4g}. Try a lower lr (--set train.lr=...), fp32 (--set train.precision=fp32)"
+                    ", or for DINO a higher teacher temperature.")
+            last_finite = last_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.clip_grad > 0:
+                clip_per_parameter(trainable, train_cfg.clip_grad)
+            method.after_backward(step)
+            optimizer.step()
+            if pairs:
+                ema_update(pairs, float(momentum_schedule[it]))
+            images_seen += labels.shape[0]
+            elapsed = time.perf_counter() - start
+            if it % train_cfg.log_every == 0 or it == total - 1:
+                record = {"iteration": it, "epoch": epoch, "loss": last_loss, "lr": float(lr_schedule[it]),
+                          "weight_decay": float(wd_schedule[it]), "ema_momentum": float(momentum_schedule[it]),
+                          "images_per_s": images_seen / elapsed, "elapsed_s": elapsed}
+                record.update({k: float(v) for k, v in output.logs.items()})
+                records.append(record)
+            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr_schedule[it]:.2e}",
+                            img_s=f"{images_seen / elapsed:.1f}", refresh=False)
+            bar.update(1)
+        write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    bar.close()
+    wall = time.perf_counter() - start
+    return {"epochs": epochs, "iterations": total, "wall_s": round(wall, 2),
+            "images_per_s": round(images_seen / wall, 2), "final_loss": last_loss}
+
+
+def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, device: torch.device) -> dict:
+    """Extract frozen features once (no augmentation), then k-NN and the linear probe on them."""
+    eval_cfg = config.eval
+    transform = build_eval_transform(data.image_size, data.mean, data.std)
+    bank, test = data.train, data.test
+    if eval_cfg.train_per_class is not None:
+        bank = SubsetSource(bank, subset_indices(bank.labels, eval_cfg.train_per_class, config.seed))
+    if eval_cfg.test_per_class is not None:
+        test = SubsetSource(test, subset_indices(test.labels, eval_cfg.test_per_class, config.seed))
+    backbone = method.eval_backbone()
+    method.eval()
+
+    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return backbone.forward_eval(images.to(device))
+
+    features: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+    for split, source in (("bank", bank), ("test", test)):
+        loader = _loader(TransformDataset(source, transform), eval_cfg.batch_size, False, config.seed,
+                         config.train.num_workers, device, drop_last=False)
+        features[split] = extract_features(encode, loader, device)
+    (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
+    knn = knn_classify(bank_feats["knn"], bank_labels, test_feats["knn"], test_labels, data.num_classes,
+                       ks=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature, device=device)
+    linear = None
+    if eval_cfg.linear:
+        result = linear_probe(bank_feats["linear"], bank_labels, test_feats["linear"], test_labels,
+                              data.num_classes, lrs=eval_cfg.linear_lrs, epochs=eval_cfg.linear_epochs,
+                              val_fraction=eval_cfg.linear_val_fraction, seed=config.seed, device=device)
+        linear = {"top1": round(result.top1, 2), "best_lr": result.best_lr,
+                  "val_top1": {str(k): round(v, 2) for k, v in result.val_top1.items()}}
+    return {"knn": {str(k): round(v, 2) for k, v in knn.items()}, "linear": linear,
+            "bank_images": len(bank), "test_images": len(test)}
