@@ -1,0 +1,337 @@
+"""Datasets: where images come from, decoupled from how they are augmented.
+
+An ``ImageSource`` only yields RGB PIL images and integer labels, so every method sees the same pixels
+whatever the on-disk format (packaged npz, CIFAR-10 zip, ImageFolder tree, torchvision batches), and
+augmentations stay the method's business through ``TransformDataset``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+from sslbench.errors import SSLBenchError, unknown_name_message
+
+DATASET_CHOICES: tuple[str, ...] = ("embedded", "cifar10", "imagefolder:PATH")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDED_FILE = "cifar10_subset.npz"
+CIFAR10_DEFAULT_ROOTS = ("./data/cifar10", "./data/cifar10.zip", "~/.cache/sslbench/cifar10")
+_ZIP_MEMBER = re.compile(r"^(?:.*/)?(train|test)/([^/]+)/[^/]+$")
+
+
+class ImageSource(Protocol):
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image: ...
+
+
+def read_rgb(file: str | Path | IO[bytes], name: str | Path) -> Image.Image:
+    """Decode any PIL mode (L, RGBA, P, CMYK, 16-bit) to RGB; an unreadable file is the user's to fix."""
+    try:
+        with Image.open(file) as img:
+            if img.mode.startswith("I;16"):
+                return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)).convert(
+                    "RGB"
+                )
+            if img.mode == "P" and "transparency" in img.info:
+                return img.convert("RGBA").convert("RGB")
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SSLBenchError(f"{name}: not a readable image ({exc})") from exc
+
+
+class ArraySource:
+    """In-memory uint8 ``(N, H, W, 3)`` images: the fast path for small, fully decoded datasets."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+class FileSource:
+    """Image files decoded lazily, so arbitrarily large folders cost nothing until read."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int] | np.ndarray) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        return read_rgb(self.paths[index], self.paths[index])
+
+
+class SubsetSource:
+    """A view on some indices of another source, so small presets never copy the data."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(source.labels)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(int(self.indices[index]))
+
+
+class TransformDataset(torch.utils.data.Dataset):
+    """Pairs a source with a method's transform; the transform may return a list of views."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Any]) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.source.load(index)), int(self.source.labels[index])
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    train: ImageSource
+    test: ImageSource
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def subset_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of up to ``per_class`` random samples of each class; ``None`` keeps all."""
+    labels = np.asarray(labels)
+    if per_class is None:
+        return np.arange(len(labels), dtype=np.int64)
+    if per_class < 1:
+        raise SSLBenchError(f"per-class subset size must be at least 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_arrays() -> dict[str, np.ndarray]:
+    """Decompress the packaged npz once per process; arrays are read-only because they are shared."""
+    try:
+        with resources.files("sslbench.data").joinpath(EMBEDDED_FILE).open("rb") as handle:
+            data = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise SSLBenchError(
+            f"the packaged dataset sslbench/data/{EMBEDDED_FILE} is missing or damaged ({exc}); "
+            "reinstall sslbench or rebuild it with scripts/build_embedded_dataset.py"
+        ) from exc
+    for arr in arrays.values():
+        arr.flags.writeable = False
+    return arrays
+
+
+def _load_embedded(image_size: int | None) -> DatasetSplits:
+    arrays = _embedded_arrays()
+    classes = [str(c) for c in arrays["classes"]]
+    train = ArraySource(arrays["train_images"], arrays["train_labels"])
+    test = ArraySource(arrays["test_images"], arrays["test_labels"])
+    per_train, per_test = len(train) // len(classes), len(test) // len(classes)
+    return DatasetSplits(
+        "embedded", train, test, classes, image_size or 32, CIFAR10_MEAN, CIFAR10_STD,
+        f"CIFAR-10 subset ({per_train}/{per_test} per class), embedded",
+    )  # fmt: skip
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_split(split_dir: Path, classes: list[str]) -> FileSource:
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        if (split_dir / cls).is_dir():
+            found = sorted(
+                p
+                for p in (split_dir / cls).rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+            paths += found
+            labels += [label] * len(found)
+    return FileSource(paths, labels)
+
+
+def _folder_splits(root: Path, layout: str) -> tuple[FileSource, FileSource, list[str]]:
+    """Read ``root/train/<class>`` and ``root/{val|test}/<class>``; errors say where and what layout."""
+    where = f"expected {layout}"
+    if not root.is_dir():
+        raise SSLBenchError(f"{root}: no such folder; {where}")
+    train_dir = root / "train"
+    eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or eval_dir is None:
+        missing = "train/" if not train_dir.is_dir() else "val/ or test/"
+        raise SSLBenchError(f"{root}: no {missing} folder; {where}")
+    classes = [p.name for p in _class_dirs(train_dir)]
+    if not classes:
+        raise SSLBenchError(f"{train_dir}: no class folders; {where}")
+    extra = sorted({p.name for p in _class_dirs(eval_dir)} - set(classes))
+    if extra:
+        raise SSLBenchError(f"{eval_dir}: classes {extra} are not in {train_dir} (classes: {classes})")
+    train, test = _scan_split(train_dir, classes), _scan_split(eval_dir, classes)
+    empty = [cls for label, cls in enumerate(classes) if not np.any(train.labels == label)]
+    if empty:
+        raise SSLBenchError(
+            f"{train_dir}: class folders {empty} hold no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    if len(test) == 0:
+        raise SSLBenchError(f"{eval_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}); {where}")
+    return train, test, classes
+
+
+def _load_imagefolder(path: str, image_size: int | None) -> DatasetSplits:
+    if not path:
+        raise SSLBenchError("imagefolder needs a path: use --dataset imagefolder:PATH")
+    root = Path(path).expanduser().resolve()
+    layout = "PATH/train/<class>/*.jpg and PATH/val/<class>/ (or PATH/test/<class>/)"
+    train, test, classes = _folder_splits(root, layout)
+    eval_name = "val" if (root / "val").is_dir() else "test"
+    return DatasetSplits(
+        f"imagefolder:{root}", train, test, classes, image_size or 224, IMAGENET_MEAN, IMAGENET_STD,
+        f"ImageFolder {root} ({len(classes)} classes, {len(train)} train / {len(test)} {eval_name})",
+    )  # fmt: skip
+
+
+def _decode_member(blob: bytes, name: str) -> np.ndarray:
+    arr = np.asarray(read_rgb(io.BytesIO(blob), name), dtype=np.uint8)
+    if arr.shape != (32, 32, 3):
+        raise SSLBenchError(f"{name}: expected a 32x32 CIFAR-10 image, got {arr.shape[1]}x{arr.shape[0]}")
+    return arr
+
+
+@functools.lru_cache(maxsize=1)
+def _cifar10_zip(path: Path, stamp: tuple[float, int]) -> tuple[ArraySource, ArraySource, list[str]] | None:
+    """Decode every member once (cached while the file is unchanged); ``None`` when it holds no images."""
+    members: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in sorted(zf.namelist()):
+                match = _ZIP_MEMBER.match(name)
+                if match and name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name:
+                    members[match[1]].append((match[2], name))
+            blobs = {name: zf.read(name) for split in members.values() for _, name in split}
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise SSLBenchError(f"{path}: not a readable zip ({exc})") from exc
+    if not members["train"] or not members["test"]:
+        return None
+    classes = sorted({cls for cls, _ in members["train"]})
+    extra = sorted({cls for cls, _ in members["test"]} - set(classes))
+    if extra:
+        raise SSLBenchError(f"{path}: test classes {extra} are not among the train classes {classes}")
+    index = {cls: i for i, cls in enumerate(classes)}
+    sources = []
+    for split in ("train", "test"):
+        images = [_decode_member(blobs[name], f"{path}:{name}") for _, name in members[split]]
+        sources.append(ArraySource(np.stack(images), [index[cls] for cls, _ in members[split]]))
+    return sources[0], sources[1], classes
+
+
+def _cifar10_from(root: Path, download: bool) -> tuple[ImageSource, ImageSource, list[str], str] | None:
+    """Try one candidate root; ``None`` means nothing usable is there (so the next place is tried)."""
+    if root.is_file():
+        stat = root.stat()
+        found = _cifar10_zip(root, (stat.st_mtime, stat.st_size))
+        return (*found, f"zip {root}") if found else None
+    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
+        layout = "train/<class>/*.jpg and test/<class>/*.jpg"
+        return (*_folder_splits(root, layout), f"ImageFolder tree {root}")
+    if not download and not (root / "cifar-10-batches-py").is_dir():
+        return None
+    import torchvision.datasets  # only here: it is slow to import and most runs never need it
+
+    try:
+        sets = [torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (True, False)]
+    except (RuntimeError, OSError) as exc:
+        raise SSLBenchError(f"{root}: could not load torchvision CIFAR-10 ({exc})") from exc
+    train, test = (ArraySource(np.asarray(s.data, dtype=np.uint8), s.targets) for s in sets)
+    return train, test, list(sets[0].classes), f"torchvision folder {root}"
+
+
+def _load_cifar10(root: str | None, image_size: int | None, download: bool) -> DatasetSplits:
+    candidates = [root] if root is not None else list(CIFAR10_DEFAULT_ROOTS)
+    paths = [Path(c).expanduser().resolve() for c in candidates]
+    found = None
+    looked: list[str] = []
+    for path in paths:
+        try:
+            found = _cifar10_from(path, download=False) if path.exists() else None
+        except SSLBenchError as exc:
+            looked.append(f"{path} (unusable: {exc})")
+            continue
+        if found:
+            break
+        looked.append(f"{path} ({'no CIFAR-10 data there' if path.exists() else 'missing'})")
+    if found is None and download:
+        target = paths[0] if root is not None else paths[-1]
+        found = _cifar10_from(target, download=True)
+    if found is None:
+        raise SSLBenchError(
+            f"CIFAR-10 not found; looked in: {'; '.join(looked)}. Get it with --download (torchvision, "
+            "needs network), or point --data-root PATH at a zip of train/<class>/*.jpg and "
+            "test/<class>/*.jpg, an ImageFolder tree with train/ and test/, or a torchvision folder "
+            "containing cifar-10-batches-py"
+        )
+    train, test, classes, origin = found
+    return DatasetSplits(
+        "cifar10", train, test, classes, image_size or 32, CIFAR10_MEAN, CIFAR10_STD,
+        f"CIFAR-10 ({len(train)} train / {len(test)} test) from {origin}",
+    )  # fmt: skip
+
+
+def load_dataset(
+    name: str, root: str | None = None, image_size: int | None = None, download: bool = False
+) -> DatasetSplits:
+    """Resolve a dataset name (see ``DATASET_CHOICES``) to train/test sources and their statistics."""
+    if name == "embedded":
+        return _load_embedded(image_size)
+    if name == "cifar10":
+        return _load_cifar10(root, image_size, download)
+    if name.startswith("imagefolder:"):
+        return _load_imagefolder(name.split(":", 1)[1], image_size)
+    if name == "imagefolder":
+        return _load_imagefolder(root or "", image_size)
+    raise SSLBenchError(unknown_name_message("dataset", name, ["embedded", "cifar10", "imagefolder:PATH"]))
