@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from sslbench.atomic_io import atomic_path, write_text_atomic
 from sslbench.errors import SSLBenchError
@@ -75,6 +76,20 @@ def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _pair_folders(run_path: Path) -> list[Path]:
+    """Pair folders in the run's own method x arch order (from its config.yaml), others after by name."""
+    order: list[str] = []
+    config_path = run_path / "config.yaml"
+    if config_path.is_file():
+        try:
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+            order = [f"{m}-{a}" for m in config.get("methods", []) for a in config.get("archs", [])]
+        except (yaml.YAMLError, AttributeError, TypeError):
+            order = []
+    folders = [p for p in run_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(folders, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+
+
 def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """One flat row per (method, arch) across run folders; later folders override earlier ones."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -84,7 +99,7 @@ def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         if not run_path.is_dir():
             raise SSLBenchError(f"run folder '{run_path}' does not exist (expected results/<run>/)")
         searched.append(str(run_path))
-        for folder in sorted(p for p in run_path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in _pair_folders(run_path):
             eval_path = folder / "eval.json"
             if not eval_path.is_file():
                 warnings.warn(f"skipping incomplete result folder '{folder}' (no eval.json)", stacklevel=2)
@@ -203,17 +218,11 @@ def _failures(df: pd.DataFrame) -> list[str]:
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    """Markdown with one header row; falls back to a plain pipe table when tabulate is missing."""
+    """Markdown with one header row per column: ``arch / metric``."""
     flat = table.copy()
     flat.columns = [f"{arch} / {metric}" for arch, metric in table.columns]
-    try:
-        align = ("left", *["right"] * len(flat.columns))
-        return flat.to_markdown(tablefmt="github", disable_numparse=True, colalign=align)
-    except ImportError:
-        header = [flat.index.name or "", *flat.columns]
-        body = [[str(i), *map(str, r)] for i, r in zip(flat.index, flat.to_numpy().tolist(), strict=True)]
-        lines = [header, ["---"] * len(header), *body]
-        return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    align = ("left", *["right"] * len(flat.columns))
+    return flat.to_markdown(tablefmt="github", disable_numparse=True, colalign=align)
 
 
 def format_table_text(df: pd.DataFrame) -> str:
