@@ -26,8 +26,14 @@ from sslbench.heads import MLPHead
 from sslbench.losses import byol_loss
 from sslbench.momentum import ema_copy
 
-LARS_RECIPE = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "weight_decay_end": 1.5e-6,
-               "warmup_epochs": 10, "clip_grad": 0.0}
+LARS_RECIPE = {
+    "optimizer": "lars",
+    "lr": 0.2,
+    "weight_decay": 1.5e-6,
+    "weight_decay_end": 1.5e-6,
+    "warmup_epochs": 10,
+    "clip_grad": 0.0,
+}
 
 
 @dataclass

@@ -57,14 +57,22 @@ class DINO(Method):
         super().__init__(backbone, config, context)
         if config.out_dim is None:
             config.out_dim = 65536 if context.image_size >= IMAGENET_SCALE else 4096
-        self.head = DINOHead(backbone.feat_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
-                             norm_last_layer=config.norm_last_layer)
+        self.head = DINOHead(
+            backbone.feat_dim,
+            config.out_dim,
+            config.hidden_dim,
+            config.bottleneck_dim,
+            norm_last_layer=config.norm_last_layer,
+        )
         self.teacher_backbone = ema_copy(backbone)
         self.teacher_head = ema_copy(self.head)
         self.register_buffer("center", torch.zeros(1, config.out_dim))
         self.teacher_temps = linear_warmup_then_constant(
-            config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs,
-            context.epochs, context.iterations_per_epoch,
+            config.warmup_teacher_temp,
+            config.teacher_temp,
+            config.warmup_teacher_temp_epochs,
+            context.epochs,
+            context.iterations_per_epoch,
         )
 
     def view_recipe(self) -> ViewRecipe:

@@ -22,8 +22,14 @@ from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
 from sslbench.heads import MLPHead
 from sslbench.losses import nt_xent_loss
 
-LARS_RECIPE = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "weight_decay_end": 1e-6,
-               "warmup_epochs": 10, "clip_grad": 0.0}
+LARS_RECIPE = {
+    "optimizer": "lars",
+    "lr": 0.3,
+    "weight_decay": 1e-6,
+    "weight_decay_end": 1e-6,
+    "warmup_epochs": 10,
+    "clip_grad": 0.0,
+}
 
 
 @dataclass

@@ -14,8 +14,14 @@ from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_
 from sslbench.augment import ViewRecipe, two_views
 from sslbench.backbones import multicrop_forward
 
-SGD_RECIPE = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "weight_decay_end": 1e-4,
-              "warmup_epochs": 5, "clip_grad": 0.0}
+SGD_RECIPE = {
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "weight_decay": 1e-4,
+    "weight_decay_end": 1e-4,
+    "warmup_epochs": 5,
+    "clip_grad": 0.0,
+}
 
 
 @register_method("supervised")

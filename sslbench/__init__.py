@@ -13,7 +13,20 @@ from sslbench.registry import get_method, list_methods, load_plugin_file, regist
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHS", "Backbone", "Method", "NoOptions", "SSLBenchError", "Step", "StepOutput", "TrainContext",
-    "create_backbone", "ema_copy", "ema_update", "get_method", "list_methods", "load_plugin_file",
-    "multicrop_forward", "register_method",
+    "ARCHS",
+    "Backbone",
+    "Method",
+    "NoOptions",
+    "SSLBenchError",
+    "Step",
+    "StepOutput",
+    "TrainContext",
+    "create_backbone",
+    "ema_copy",
+    "ema_update",
+    "get_method",
+    "list_methods",
+    "load_plugin_file",
+    "multicrop_forward",
+    "register_method",
 ]

@@ -62,7 +62,9 @@ class Backbone(nn.Module):
         blocks = VIT_LINEAR_BLOCKS if self.family == "vit" else 1
         self.linear_dim: int = self.feat_dim * blocks
         self.linear_features_description = (
-            f"class tokens of the last {VIT_LINEAR_BLOCKS} blocks" if self.family == "vit" else "global average pool"
+            f"class tokens of the last {VIT_LINEAR_BLOCKS} blocks"
+            if self.family == "vit"
+            else "global average pool"
         )
 
     def forward(self, images: Tensor) -> Tensor:
@@ -74,8 +76,12 @@ class Backbone(nn.Module):
             pooled = self.model(images)
             return {"knn": pooled, "linear": pooled}
         layers = self.model.forward_intermediates(
-            images, indices=VIT_LINEAR_BLOCKS, return_prefix_tokens=True, norm=True,
-            output_fmt="NLC", intermediates_only=True,
+            images,
+            indices=VIT_LINEAR_BLOCKS,
+            return_prefix_tokens=True,
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
         )
         cls_tokens = [prefix[:, 0] for _, prefix in layers]
         return {"knn": cls_tokens[-1], "linear": torch.cat(cls_tokens, dim=-1)}
@@ -92,19 +98,28 @@ def create_backbone(arch: str, image_size: int, drop_path_rate: float = 0.0) -> 
     patch_size = effective_patch_size(arch, image_size)
     if spec.family == "vit":
         model = timm.create_model(
-            spec.timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size,
-            dynamic_img_size=True, drop_path_rate=drop_path_rate,
+            spec.timm_name,
+            pretrained=False,
+            num_classes=0,
+            img_size=image_size,
+            patch_size=patch_size,
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
         )
     else:
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
         if image_size <= SMALL_IMAGE_MAX:
-            model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+            model.conv1 = nn.Conv2d(
+                3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+            )
             model.maxpool = nn.Identity()
     return Backbone(arch, model, patch_size)
 
 
 def multicrop_forward(
-    backbone: Callable[[Tensor], Tensor], crops: Sequence[Tensor], head: Callable[[Tensor], Tensor] | None = None
+    backbone: Callable[[Tensor], Tensor],
+    crops: Sequence[Tensor],
+    head: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """One backbone forward per run of same-resolution crops, one head forward for all; one output per crop.
 

@@ -33,22 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arch", dest="archs", type=_csv, help="comma-separated, e.g. resnet50,vit_s16")
     run.add_argument("--dataset", help="embedded (default, offline), cifar10, or imagefolder:PATH")
     run.add_argument("--data-root", help="where the dataset lives (a zip, an ImageFolder tree, ...)")
-    run.add_argument("--download", action="store_true", default=None,
-                     help="let torchvision download CIFAR-10 (needs network)")
+    run.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="let torchvision download CIFAR-10 (needs network)",
+    )
     run.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default: quick)")
     run.add_argument("--config", help="a YAML file of config keys, applied over the preset")
-    run.add_argument("--recipe", choices=["shared", "paper"],
-                     help="shared: one schedule for every method (fair, the default); paper: each method's "
-                          "published optimizer recipe")
+    run.add_argument(
+        "--recipe",
+        choices=["shared", "paper"],
+        help="shared: one schedule for every method (fair, the default); paper: each method's "
+        "published optimizer recipe",
+    )
     run.add_argument("--epochs", type=int)
     run.add_argument("--batch-size", type=int)
     run.add_argument("--seed", type=int)
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--out", help="the run folder (default: results/<date>-<preset>)")
-    run.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                     help="any config key, e.g. train.lr=1e-3 or dino.teacher_temp=0.07 (repeatable)")
-    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
-                     help="load methods from a local file (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. train.lr=1e-3 or dino.teacher_temp=0.07 (repeatable)",
+    )
+    run.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="load methods from a local file (repeatable)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("list", help="methods (and where each came from), archs, datasets, presets")

@@ -95,8 +95,11 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if origin is tuple:
         args = typing.get_args(hint)
-        return isinstance(value, list | tuple) and len(value) == len(args) and all(
-            _type_ok(v, a) for v, a in zip(value, args, strict=True))
+        return (
+            isinstance(value, list | tuple)
+            and len(value) == len(args)
+            and all(_type_ok(v, a) for v, a in zip(value, args, strict=True))
+        )
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:

@@ -41,8 +41,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as error:
         raise SSLBenchError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SSLBenchError(f"device '{name}' was requested but no CUDA GPU is available: use --device cpu "
-                            "or --device auto")
+        raise SSLBenchError(
+            f"device '{name}' was requested but no CUDA GPU is available: use --device cpu or --device auto"
+        )
     return device
 
 
@@ -77,8 +78,14 @@ def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
             reason = str(error) if isinstance(error, SSLBenchError) else f"{type(error).__name__}: {error}"
             if not isinstance(error, SSLBenchError):
                 write_text_atomic(pair_dir / "traceback.txt", traceback.format_exc())
-            record |= {"status": "failed", "error": reason, "knn": None, "linear": None,
-                       "train": None, "protocol": {"recipe": plan.recipe, "seed": config.seed}}
+            record |= {
+                "status": "failed",
+                "error": reason,
+                "knn": None,
+                "linear": None,
+                "train": None,
+                "protocol": {"recipe": plan.recipe, "seed": config.seed},
+            }
             failed.append(f"{name}-{plan.arch}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         write_json_atomic(pair_dir / "eval.json", record)

@@ -35,9 +35,13 @@ class LARS(torch.optim.Optimizer):
     ``g <- g * eta * ||w|| / ||g||`` (when both norms are positive); then SGD with momentum.
     """
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta,
-                                  "lars_exclude": False})
+    def __init__(
+        self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001
+    ):
+        super().__init__(
+            params,
+            {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta, "lars_exclude": False},
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

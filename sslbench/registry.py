@@ -34,11 +34,15 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         if not (inspect.isclass(cls) and issubclass(cls, Method)):
             raise TypeError(f"@register_method('{name}') must decorate a subclass of sslbench.Method")
         if name in RESERVED_NAMES or not name.replace("_", "").isalnum():
-            raise SSLBenchError(f"method name '{name}' is not allowed: use letters, digits and '_', "
-                                f"and none of {', '.join(sorted(RESERVED_NAMES))}")
+            raise SSLBenchError(
+                f"method name '{name}' is not allowed: use letters, digits and '_', "
+                f"and none of {', '.join(sorted(RESERVED_NAMES))}"
+            )
         existing = _methods.get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise SSLBenchError(f"method '{name}' is registered twice: by {existing.__module__} and {cls.__module__}")
+            raise SSLBenchError(
+                f"method '{name}' is registered twice: by {existing.__module__} and {cls.__module__}"
+            )
         cls.name = name
         _methods[name] = cls
         _sources.setdefault(name, f"module {cls.__module__}")
@@ -57,8 +61,11 @@ def _discover() -> None:
         try:
             loaded = ep.load()
         except Exception as error:  # a broken plugin must not break the others
-            warnings.warn(f"method plugin '{ep.name}' ({ep.value}) failed to import and is skipped: "
-                          f"{type(error).__name__}: {error}", stacklevel=2)
+            warnings.warn(
+                f"method plugin '{ep.name}' ({ep.value}) failed to import and is skipped: "
+                f"{type(error).__name__}: {error}",
+                stacklevel=2,
+            )
             continue
         if inspect.isclass(loaded) and issubclass(loaded, Method) and loaded not in _methods.values():
             register_method(ep.name)(loaded)
@@ -72,8 +79,9 @@ def load_plugin_file(path: str | Path) -> list[str]:
     """Import a local ``.py`` file whose ``@register_method`` calls add methods; return their names."""
     file = Path(path)
     if not file.is_file():
-        raise SSLBenchError(f"plugin file not found: {file} (give the path of a .py file that uses "
-                            "@register_method)")
+        raise SSLBenchError(
+            f"plugin file not found: {file} (give the path of a .py file that uses @register_method)"
+        )
     _discover()
     before = set(_methods)
     module_name = f"sslbench_plugin_{file.stem}"
@@ -90,8 +98,9 @@ def load_plugin_file(path: str | Path) -> list[str]:
         raise SSLBenchError(f"plugin {file} failed to import: {type(error).__name__}: {error}") from error
     added = sorted(set(_methods) - before)
     if not added:
-        raise SSLBenchError(f"plugin {file} registered no method: decorate a Method subclass with "
-                            "@register_method('name')")
+        raise SSLBenchError(
+            f"plugin {file} registered no method: decorate a Method subclass with @register_method('name')"
+        )
     for name in added:
         _sources[name] = f"plugin file {file}"
     return added

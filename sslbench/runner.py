@@ -61,8 +61,9 @@ def plan_pair(method_cls: type[Method], arch: str, config: RunConfig, device: to
     if overrides:
         train = dataclasses.replace(train, **overrides)
         recipe = f"paper ({method_cls.name}, {family})"
-    options = build_dataclass(method_cls.Config, config.method_options.get(method_cls.name, {}),
-                              method_cls.name)
+    options = build_dataclass(
+        method_cls.Config, config.method_options.get(method_cls.name, {}), method_cls.name
+    )
     return PairPlan(method_cls, arch, train, recipe, options, device)
 
 
@@ -82,16 +83,31 @@ def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
             param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, device: torch.device,
-            drop_last: bool) -> DataLoader:
+def _loader(
+    dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+    drop_last: bool,
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, generator=generator, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
 
 
-def train_and_evaluate(plan: PairPlan, config: RunConfig, data: DatasetSplits, pair_dir: Path,
-                       show_progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(
+    plan: PairPlan, config: RunConfig, data: DatasetSplits, pair_dir: Path, show_progress: bool = True
+) -> dict[str, Any]:
     """Train one pair, evaluate it on frozen features, and return the eval.json record."""
     train_cfg, device = plan.train, plan.device
     image_size = data.image_size
@@ -100,12 +116,15 @@ def train_and_evaluate(plan: PairPlan, config: RunConfig, data: DatasetSplits, p
 
     train_source = data.train
     if train_cfg.train_per_class is not None:
-        train_source = SubsetSource(train_source, subset_indices(train_source.labels, train_cfg.train_per_class,
-                                                                 config.seed))
+        train_source = SubsetSource(
+            train_source, subset_indices(train_source.labels, train_cfg.train_per_class, config.seed)
+        )
     iterations_per_epoch = len(train_source) // train_cfg.batch_size
     if plan.method_cls.trainable and iterations_per_epoch == 0:
-        raise SSLBenchError(f"batch size {train_cfg.batch_size} is larger than the training set "
-                            f"({len(train_source)} images): lower --batch-size")
+        raise SSLBenchError(
+            f"batch size {train_cfg.batch_size} is larger than the training set "
+            f"({len(train_source)} images): lower --batch-size"
+        )
     context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
     method = plan.method_cls(backbone, plan.method_options, context).to(device)
     recipe_views = method.view_recipe()
@@ -113,43 +132,80 @@ def train_and_evaluate(plan: PairPlan, config: RunConfig, data: DatasetSplits, p
 
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
     if plan.method_cls.trainable:
-        dataset = TransformDataset(train_source, build_view_transform(recipe_views, image_size, data.mean,
-                                                                      data.std))
-        loader = _loader(dataset, train_cfg.batch_size, True, config.seed, train_cfg.num_workers, device,
-                         drop_last=True)
+        dataset = TransformDataset(
+            train_source, build_view_transform(recipe_views, image_size, data.mean, data.std)
+        )
+        loader = _loader(
+            dataset, train_cfg.batch_size, True, config.seed, train_cfg.num_workers, device, drop_last=True
+        )
         train_summary = train_loop(method, loader, train_cfg, precision, device, pair_dir, show_progress)
 
     metrics = evaluate_method(method, config, data, device)
     patch = effective_patch_size(plan.arch, image_size)
     protocol = {
-        "dataset": data.name, "dataset_description": data.description,
+        "dataset": data.name,
+        "dataset_description": data.description,
         "train_images": len(train_source) if plan.method_cls.trainable else 0,
-        "test_images": metrics.pop("test_images"), "knn_bank_images": metrics.pop("bank_images"),
-        "image_size": image_size, "patch_size": patch, "crops": recipe_views.describe(image_size),
-        "epochs": train_cfg.epochs if plan.method_cls.trainable else 0, "batch_size": train_cfg.batch_size,
-        "optimizer": train_cfg.optimizer, "base_lr": train_cfg.lr, "recipe": plan.recipe,
-        "precision": precision, "seed": config.seed, "device": str(device),
+        "test_images": metrics.pop("test_images"),
+        "knn_bank_images": metrics.pop("bank_images"),
+        "image_size": image_size,
+        "patch_size": patch,
+        "crops": recipe_views.describe(image_size),
+        "epochs": train_cfg.epochs if plan.method_cls.trainable else 0,
+        "batch_size": train_cfg.batch_size,
+        "optimizer": train_cfg.optimizer,
+        "base_lr": train_cfg.lr,
+        "recipe": plan.recipe,
+        "precision": precision,
+        "seed": config.seed,
+        "device": str(device),
         "feature_source": method.feature_source if plan.method_cls.trainable else "untrained backbone",
-        "knn_k": config.eval.knn_headline_k, "knn_temperature": config.eval.knn_temperature,
+        "knn_k": config.eval.knn_headline_k,
+        "knn_temperature": config.eval.knn_temperature,
         "linear_features": method.eval_backbone().linear_features_description,
-        "linear_protocol": (f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
-                            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"),
+        "linear_protocol": (
+            f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
+            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"
+        ),
     }
-    protocol["config_hash"] = config_hash({
-        "train": dataclasses.asdict(train_cfg), "eval": dataclasses.asdict(config.eval),
-        "options": method.resolved_options(), "method": plan.method_cls.name, "arch": plan.arch,
-        "dataset": data.name, "image_size": image_size, "seed": config.seed,
-    })
-    return {"status": "ok", "error": None, "knn": metrics["knn"], "linear": metrics["linear"],
-            "train": train_summary, "protocol": protocol, "method_options": method.resolved_options()}
+    protocol["config_hash"] = config_hash(
+        {
+            "train": dataclasses.asdict(train_cfg),
+            "eval": dataclasses.asdict(config.eval),
+            "options": method.resolved_options(),
+            "method": plan.method_cls.name,
+            "arch": plan.arch,
+            "dataset": data.name,
+            "image_size": image_size,
+            "seed": config.seed,
+        }
+    )
+    return {
+        "status": "ok",
+        "error": None,
+        "knn": metrics["knn"],
+        "linear": metrics["linear"],
+        "train": train_summary,
+        "protocol": protocol,
+        "method_options": method.resolved_options(),
+    }
 
 
-def train_loop(method: Method, loader: DataLoader, train_cfg: TrainConfig, precision: str, device: torch.device,
-               pair_dir: Path, show_progress: bool) -> dict[str, Any]:
+def train_loop(
+    method: Method,
+    loader: DataLoader,
+    train_cfg: TrainConfig,
+    precision: str,
+    device: torch.device,
+    pair_dir: Path,
+    show_progress: bool,
+) -> dict[str, Any]:
     ipe, epochs = len(loader), train_cfg.epochs
     total = ipe * epochs
     scale = train_cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as every reference does
-    lr_schedule = cosine_schedule(train_cfg.lr * scale, train_cfg.min_lr, epochs, ipe, train_cfg.warmup_epochs)
+    lr_schedule = cosine_schedule(
+        train_cfg.lr * scale, train_cfg.min_lr, epochs, ipe, train_cfg.warmup_epochs
+    )
     wd_schedule = cosine_schedule(train_cfg.weight_decay, train_cfg.weight_decay_end, epochs, ipe)
     momentum_schedule = cosine_schedule(train_cfg.ema_momentum, train_cfg.ema_momentum_end, epochs, ipe)
     groups = parameter_groups([method])
@@ -164,8 +220,13 @@ def train_loop(method: Method, loader: DataLoader, train_cfg: TrainConfig, preci
     start = time.perf_counter()
     images_seen = 0
     method.train()
-    bar = tqdm(total=total, desc=f"{method.name}-{method.backbone.arch}", disable=not show_progress,
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=total,
+        desc=f"{method.name}-{method.backbone.arch}",
+        disable=not show_progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
     for epoch in range(epochs):
         for batch_index, (views, labels) in enumerate(loader):
             it = epoch * ipe + batch_index
@@ -185,7 +246,8 @@ def train_loop(method: Method, loader: DataLoader, train_cfg: TrainConfig, preci
                 raise SSLBenchError(
                     f"loss became {last_loss} at iteration {it} (epoch {epoch}); last finite loss "
                     f"{last_finite:.4g}. Try a lower lr (--set train.lr=...), fp32 (--set train.precision=fp32)"
-                    ", or for DINO a higher teacher temperature.")
+                    ", or for DINO a higher teacher temperature."
+                )
             last_finite = last_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -198,19 +260,35 @@ def train_loop(method: Method, loader: DataLoader, train_cfg: TrainConfig, preci
             images_seen += labels.shape[0]
             elapsed = time.perf_counter() - start
             if it % train_cfg.log_every == 0 or it == total - 1:
-                record = {"iteration": it, "epoch": epoch, "loss": last_loss, "lr": float(lr_schedule[it]),
-                          "weight_decay": float(wd_schedule[it]), "ema_momentum": float(momentum_schedule[it]),
-                          "images_per_s": images_seen / elapsed, "elapsed_s": elapsed}
+                record = {
+                    "iteration": it,
+                    "epoch": epoch,
+                    "loss": last_loss,
+                    "lr": float(lr_schedule[it]),
+                    "weight_decay": float(wd_schedule[it]),
+                    "ema_momentum": float(momentum_schedule[it]),
+                    "images_per_s": images_seen / elapsed,
+                    "elapsed_s": elapsed,
+                }
                 record.update({k: float(v) for k, v in output.logs.items()})
                 records.append(record)
-            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr_schedule[it]:.2e}",
-                            img_s=f"{images_seen / elapsed:.1f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{last_loss:.3f}",
+                lr=f"{lr_schedule[it]:.2e}",
+                img_s=f"{images_seen / elapsed:.1f}",
+                refresh=False,
+            )
             bar.update(1)
         write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     bar.close()
     wall = time.perf_counter() - start
-    return {"epochs": epochs, "iterations": total, "wall_s": round(wall, 2),
-            "images_per_s": round(images_seen / wall, 2), "final_loss": last_loss}
+    return {
+        "epochs": epochs,
+        "iterations": total,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(images_seen / wall, 2),
+        "final_loss": last_loss,
+    }
 
 
 def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, device: torch.device) -> dict:
@@ -230,18 +308,49 @@ def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, devi
 
     features: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
     for split, source in (("bank", bank), ("test", test)):
-        loader = _loader(TransformDataset(source, transform), eval_cfg.batch_size, False, config.seed,
-                         config.train.num_workers, device, drop_last=False)
+        loader = _loader(
+            TransformDataset(source, transform),
+            eval_cfg.batch_size,
+            False,
+            config.seed,
+            config.train.num_workers,
+            device,
+            drop_last=False,
+        )
         features[split] = extract_features(encode, loader, device)
     (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
-    knn = knn_classify(bank_feats["knn"], bank_labels, test_feats["knn"], test_labels, data.num_classes,
-                       ks=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature, device=device)
+    knn = knn_classify(
+        bank_feats["knn"],
+        bank_labels,
+        test_feats["knn"],
+        test_labels,
+        data.num_classes,
+        ks=eval_cfg.knn_k,
+        temperature=eval_cfg.knn_temperature,
+        device=device,
+    )
     linear = None
     if eval_cfg.linear:
-        result = linear_probe(bank_feats["linear"], bank_labels, test_feats["linear"], test_labels,
-                              data.num_classes, lrs=eval_cfg.linear_lrs, epochs=eval_cfg.linear_epochs,
-                              val_fraction=eval_cfg.linear_val_fraction, seed=config.seed, device=device)
-        linear = {"top1": round(result.top1, 2), "best_lr": result.best_lr,
-                  "val_top1": {str(k): round(v, 2) for k, v in result.val_top1.items()}}
-    return {"knn": {str(k): round(v, 2) for k, v in knn.items()}, "linear": linear,
-            "bank_images": len(bank), "test_images": len(test)}
+        result = linear_probe(
+            bank_feats["linear"],
+            bank_labels,
+            test_feats["linear"],
+            test_labels,
+            data.num_classes,
+            lrs=eval_cfg.linear_lrs,
+            epochs=eval_cfg.linear_epochs,
+            val_fraction=eval_cfg.linear_val_fraction,
+            seed=config.seed,
+            device=device,
+        )
+        linear = {
+            "top1": round(result.top1, 2),
+            "best_lr": result.best_lr,
+            "val_top1": {str(k): round(v, 2) for k, v in result.val_top1.items()},
+        }
+    return {
+        "knn": {str(k): round(v, 2) for k, v in knn.items()},
+        "linear": linear,
+        "bank_images": len(bank),
+        "test_images": len(test),
+    }
