@@ -245,8 +245,8 @@ def train_loop(
             if not math.isfinite(last_loss):
                 raise SSLBenchError(
                     f"loss became {last_loss} at iteration {it} (epoch {epoch}); last finite loss "
-                    f"{last_finite:.4g}. Try a lower lr (--set train.lr=...), fp32 (--set train.precision=fp32)"
-                    ", or for DINO a higher teacher temperature."
+                    f"{last_finite:.4g}. Try a lower lr (--set train.lr=...), fp32 "
+                    "(--set train.precision=fp32), or for DINO a higher teacher temperature."
                 )
             last_finite = last_loss
             optimizer.zero_grad(set_to_none=True)
