@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from sslbench.errors import SSLBenchError, unknown_name_message
+from sslbench.optim import OPTIMIZERS
 
 PRESETS = ("quick", "cifar10", "imagenet")
 
@@ -202,14 +203,29 @@ def resolve_config(layers: list[dict[str, Any]], method_names: list[str]) -> Run
     merged.pop("method_options", None)
     unknown = [k for k in merged if k not in top_fields]
     if unknown:
-        valid = sorted(top_fields) + [f"{m} (method options)" for m in method_names]
+        valid = sorted(top_fields) + list(method_names)
         raise SSLBenchError(unknown_key_message(unknown[0], valid))
     config = build_dataclass(RunConfig, merged, "")
     for name, options in method_options.items():
         if not isinstance(options, dict):
             raise SSLBenchError(f"config section '{name}' (options of method {name}) must be a mapping")
     config.method_options = method_options
+    check_choices(config)
     return config
+
+
+def check_choices(config: RunConfig) -> None:
+    """Keys that take one of a few words: a wrong word is caught before anything trains."""
+    choices = {
+        "train.optimizer": (config.train.optimizer, OPTIMIZERS),
+        "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+        "recipe": (config.recipe, ("shared", "paper")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            close = difflib.get_close_matches(value, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SSLBenchError(f"config key '{key}' must be one of {', '.join(valid)}, got '{value}'{hint}")
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

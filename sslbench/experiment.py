@@ -18,7 +18,7 @@ import yaml
 
 from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
-from sslbench.config import RunConfig, config_to_dict
+from sslbench.config import RunConfig, build_dataclass, config_to_dict
 from sslbench.datasets import load_dataset
 from sslbench.errors import SSLBenchError
 from sslbench.registry import get_method, list_methods
@@ -54,6 +54,8 @@ def default_out_dir(config: RunConfig) -> Path:
 def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
     """Validate everything up front (names, options, data), then train and evaluate each pair."""
     methods = {name: get_method(name) for name in config.methods}
+    for name, options in config.method_options.items():  # a typo in any method's section is caught early
+        build_dataclass(get_method(name).Config, options, name)
     for arch in config.archs:
         arch_spec(arch)
     device = resolve_device(config.device)
