@@ -22,18 +22,16 @@ from torch import Tensor, nn
 
 from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
 from sslbench.augment import ViewRecipe, multi_crop
-from sslbench.backbones import multicrop_forward
+from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
 from sslbench.heads import DINOHead
 from sslbench.losses import dino_loss, updated_center
 from sslbench.momentum import ema_copy
 from sslbench.schedules import linear_warmup_then_constant
 
-IMAGENET_SCALE = 128  # images at least this large get the paper's 65536-way head
-
 
 @dataclass
 class DINOConfig:
-    out_dim: int | None = None  # None: 65536 at ImageNet scale (the paper), 4096 on small images
+    out_dim: int | None = None  # None: 65536 above 64 px (the paper), 4096 on small images
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
@@ -56,7 +54,7 @@ class DINO(Method):
     def __init__(self, backbone: Backbone, config: DINOConfig, context: TrainContext) -> None:
         super().__init__(backbone, config, context)
         if config.out_dim is None:
-            config.out_dim = 65536 if context.image_size >= IMAGENET_SCALE else 4096
+            config.out_dim = 4096 if context.image_size <= SMALL_IMAGE_MAX else 65536
         self.head = DINOHead(
             backbone.feat_dim,
             config.out_dim,

@@ -92,7 +92,8 @@ def create_backbone(arch: str, image_size: int, drop_path_rate: float = 0.0) -> 
 
     Small images: ResNets take the CIFAR stem (3x3 conv, stride 1, no max-pool; He et al. 2016, Sec. 4.2)
     and ViTs a patch size that keeps an 8x8 grid. ViTs interpolate position embeddings for crops of
-    another size (``dynamic_img_size``), which multi-crop's local crops need.
+    another size (``dynamic_img_size``), which multi-crop's local crops need, and pad a crop whose side
+    is not a multiple of the patch (``dynamic_img_pad``; e.g. 41 px local crops of 96 px images).
     """
     spec = arch_spec(arch)
     patch_size = effective_patch_size(arch, image_size)
@@ -104,6 +105,7 @@ def create_backbone(arch: str, image_size: int, drop_path_rate: float = 0.0) -> 
             img_size=image_size,
             patch_size=patch_size,
             dynamic_img_size=True,
+            dynamic_img_pad=True,
             drop_path_rate=drop_path_rate,
         )
     else:

@@ -1,0 +1,16 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for the module: on a few shared cores the many tiny ops of a small model run
+    much faster without thread hand-offs, and reductions stay in one fixed order."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

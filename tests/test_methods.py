@@ -1,0 +1,469 @@
+"""Every registered method, on the small backbones, through the same checks (a new method is covered
+without a test of its own); then what each built-in method promises on top; then the runner's loop.
+
+Heads are shrunk through each method's ``Config`` (only fields that exist are set) to keep this fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from sslbench import Backbone, Method, SSLBenchError, Step, StepOutput, TrainContext, create_backbone
+from sslbench.augment import ViewRecipe, build_view_transform, two_views
+from sslbench.config import RunConfig, TrainConfig
+from sslbench.datasets import ArraySource, TransformDataset
+from sslbench.losses import byol_loss
+from sslbench.momentum import ema_update
+from sslbench.optim import build_optimizer, parameter_groups
+from sslbench.registry import get_method, list_methods
+from sslbench.runner import plan_pair, train_loop
+from sslbench.schedules import cosine_schedule
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+SIZE = 32
+NUM_CLASSES = 10
+SMALL_OPTIONS = {
+    "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops_number": 2,  # DINO
+    "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64,  # BYOL, SimCLR
+}
+SMALL_ARCHS = ["resnet18", "vit_tiny16"]
+METHODS = sorted(list_methods())
+TRAINABLE = [name for name in METHODS if get_method(name).trainable]
+CPU = torch.device("cpu")
+
+
+def small_config(method_cls: type[Method], **overrides):
+    fields = {f.name for f in dataclasses.fields(method_cls.Config)}
+    options = {k: v for k, v in {**SMALL_OPTIONS, **overrides}.items() if k in fields}
+    return method_cls.Config(**options)
+
+
+def build(name: str, arch: str = "resnet18", image_size: int = SIZE, epochs: int = 2, ipe: int = 1,
+          drop_path_rate: float = 0.0, **overrides) -> Method:
+    method_cls = get_method(name)
+    backbone = create_backbone(arch, image_size, drop_path_rate)
+    context = TrainContext(epochs, ipe, NUM_CLASSES, image_size)
+    return method_cls(backbone, small_config(method_cls, **overrides), context)
+
+
+def pil_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def make_views(recipe: ViewRecipe, n: int = 4, seed: int = 0) -> list[Tensor]:
+    transform = build_view_transform(recipe, SIZE, MEAN, STD)
+    per_image = [transform(img) for img in pil_images(n, seed)]
+    return [torch.stack(views) for views in zip(*per_image, strict=True)]
+
+
+def labels_for(n: int = 4) -> Tensor:
+    return torch.arange(n) % NUM_CLASSES
+
+
+def silent_at_init(backbone: Backbone) -> set[str]:
+    """Parameters whose gradient is exactly zero at initialisation by design: timm zero-initialises the
+    last BatchNorm of every ResNet residual branch, which silences the layers before it in the branch."""
+    silent: set[str] = set()
+    for block_name, block in backbone.named_modules():
+        last = "bn3" if hasattr(block, "bn3") else "bn2"
+        if not (hasattr(block, "conv1") and hasattr(block, last)) or block_name == "model":
+            continue
+        if torch.count_nonzero(getattr(block, last).weight) == 0:
+            silent |= {f"{block_name}.{n}" for n, _ in block.named_parameters()
+                       if not n.startswith((f"{last}.", "downsample."))}
+    return silent
+
+
+def teacher_modules(method: Method) -> list[nn.Module]:
+    return [ema for _, ema in method.momentum_pairs()]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every registered method
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_registry_holds_the_builtins():
+    assert {"dino", "byol", "simclr", "supervised", "random"} <= set(METHODS)
+    assert get_method("random").trainable is False
+    assert set(TRAINABLE) >= {"dino", "byol", "simclr", "supervised"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_interface(name):
+    method_cls = get_method(name)
+    assert method_cls.name == name
+    assert dataclasses.is_dataclass(method_cls.Config)
+    torch.manual_seed(0)
+    method = build(name)
+    recipe = method.view_recipe()
+    assert isinstance(recipe, ViewRecipe) and recipe.num_views >= 2
+    assert isinstance(method.resolved_options(), dict)
+    json.dumps(method.resolved_options())  # recorded beside every number
+    eval_backbone = method.eval_backbone()
+    assert isinstance(eval_backbone, Backbone)
+    expected_source = "backbone" if eval_backbone is method.backbone else "teacher backbone"
+    assert method.feature_source == expected_source
+    for family in method_cls.paper_recipe:
+        assert family in ("resnet", "vit")
+        unknown = set(method_cls.paper_recipe[family]) - {f.name for f in dataclasses.fields(TrainConfig)}
+        assert not unknown, f"paper recipe of {name} sets unknown train keys {unknown}"
+
+
+@pytest.mark.parametrize(("name", "source"), [("dino", "teacher backbone"), ("byol", "backbone"),
+                                              ("simclr", "backbone"), ("supervised", "backbone"),
+                                              ("random", "backbone")])
+def test_eval_backbone_and_feature_source(name, source):
+    torch.manual_seed(0)
+    method = build(name)
+    expected = method.teacher_backbone if name == "dino" else method.backbone
+    assert method.eval_backbone() is expected
+    assert method.feature_source == source
+    method.eval()
+    with torch.no_grad():
+        feats = method.eval_backbone().forward_eval(torch.randn(2, 3, SIZE, SIZE))
+    assert feats["knn"].shape == (2, method.backbone.feat_dim)
+
+
+@pytest.mark.parametrize("arch", SMALL_ARCHS)
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_training_step_gradients_and_ema(name, arch):
+    torch.manual_seed(0)
+    method = build(name, arch)
+    method.train()
+    views = make_views(method.view_recipe())
+    assert len(views) == method.view_recipe().num_views
+    step = Step(iteration=1, epoch=1, iterations_per_epoch=1, total_iterations=2)  # past any freezing
+
+    teachers = teacher_modules(method)
+    teacher_ids = {id(p) for t in teachers for p in t.parameters()}
+    for online, ema in method.momentum_pairs():
+        assert ema is not online
+        for p_online, p_ema in zip(online.parameters(), ema.parameters(), strict=True):
+            assert p_ema.data_ptr() != p_online.data_ptr()
+            assert torch.equal(p_ema, p_online)  # teachers start as copies of the online network
+
+    output = method.training_step(views, labels_for(), step)
+    assert isinstance(output, StepOutput)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    for key, value in output.logs.items():
+        assert isinstance(key, str) and math.isfinite(float(value))
+
+    optimizer = build_optimizer("sgd", parameter_groups([method]), momentum=0.9)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    method.after_backward(step)
+
+    # Every backbone parameter learns, the stem / patch embedding included.
+    stem = method.backbone.model.conv1 if method.backbone.family == "resnet" else \
+        method.backbone.model.patch_embed.proj
+    assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
+    silent = silent_at_init(method.backbone)
+    assert not [n for n, p in method.backbone.named_parameters() if p.requires_grad and p.grad is None]
+    no_grad = [n for n, p in method.backbone.named_parameters()
+               if p.requires_grad and n not in silent and not p.grad.abs().sum() > 0]
+    assert not no_grad, f"backbone parameters without gradient: {no_grad}"
+    # Every other trainable parameter of the method (its heads) gets a gradient too.
+    missing = [n for n, p in method.named_parameters()
+               if p.requires_grad and id(p) not in teacher_ids and p.grad is None]
+    assert not missing, f"trainable parameters without gradient: {missing}"
+    # Teachers: frozen, without gradient, and not given to the optimizer.
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for teacher in teachers:
+        for p in teacher.parameters():
+            assert p.requires_grad is False and p.grad is None
+    assert not teacher_ids & optimized
+
+    old_teacher = [[p.detach().clone() for p in t.parameters()] for t in teachers]
+    optimizer.step()
+    ema_update(method.momentum_pairs(), 0.9)
+    for (online, ema), old in zip(method.momentum_pairs(), old_teacher, strict=True):
+        new_online = [p.detach() for p in online.parameters()]
+        new_teacher = [p.detach() for p in ema.parameters()]
+        for p_old, p_online, p_new in zip(old, new_online, new_teacher, strict=True):
+            torch.testing.assert_close(p_new, 0.9 * p_old + 0.1 * p_online, rtol=0, atol=1e-6)
+        assert any(not torch.equal(a, b) for a, b in zip(old, new_teacher, strict=True)), \
+            f"{type(ema).__name__} teacher did not move"
+    for teacher in teachers:
+        assert all(p.requires_grad is False and p.grad is None for p in teacher.parameters())
+
+
+def test_random_is_not_trainable():
+    method_cls = get_method("random")
+    assert method_cls.trainable is False
+    torch.manual_seed(0)
+    method = build("random")
+    assert method.momentum_pairs() == []
+    assert method.eval_backbone() is method.backbone
+    with pytest.raises(NotImplementedError):
+        method.training_step(make_views(method.view_recipe()), labels_for(), Step(0, 0, 1, 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# DINO
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dino_vit() -> Method:
+    torch.manual_seed(0)
+    return build("dino", "vit_tiny16")
+
+
+def test_dino_last_layer_frozen_in_first_epoch(dino_vit):
+    method = dino_vit
+    method.train()
+    views = make_views(method.view_recipe())
+    last = dict(method.head.last_layer.named_parameters())
+    direction = last["parametrizations.weight.original1"]
+    magnitude = last["parametrizations.weight.original0"]
+    assert magnitude.requires_grad is False  # norm_last_layer: the weight norm's g is fixed at 1
+    for epoch, kept in ((0, False), (1, True)):
+        step = Step(iteration=epoch, epoch=epoch, iterations_per_epoch=1, total_iterations=2)
+        method.zero_grad(set_to_none=True)
+        method.training_step(views, labels_for(), step).loss.backward()
+        assert direction.grad is not None
+        method.after_backward(step)
+        assert (direction.grad is not None) is kept
+        assert magnitude.grad is None
+        # The rest of the head keeps its gradient either way.
+        assert all(p.grad is not None for p in method.head.mlp.parameters())
+
+
+def test_dino_center_moves_toward_teacher_mean(dino_vit):
+    method = dino_vit
+    method.train()
+    views = make_views(method.view_recipe(), seed=3)
+    start = torch.randn(method.center.shape, generator=torch.Generator().manual_seed(0))
+    method.center.copy_(start)
+    method.training_step(views, labels_for(), Step(0, 0, 1, 2))
+    with torch.no_grad():
+        teacher_out = method.teacher_head(method.teacher_backbone(torch.cat(views[:2])))
+    batch_mean = teacher_out.mean(dim=0, keepdim=True)
+    torch.testing.assert_close(method.center, 0.9 * start + 0.1 * batch_mean, rtol=0, atol=1e-6)
+    assert (method.center - batch_mean).norm() < (start - batch_mean).norm()
+
+
+def test_dino_teacher_temperature_warmup():
+    torch.manual_seed(0)
+    method = build("dino", "vit_tiny16", epochs=5, ipe=3, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                   warmup_teacher_temp_epochs=2)
+    temps = method.teacher_temps
+    assert len(temps) == 15
+    np.testing.assert_allclose(temps[:6], np.linspace(0.04, 0.07, 6), atol=1e-12)
+    np.testing.assert_allclose(temps[6:], 0.07, atol=1e-12)
+    # The step reads its temperature from the schedule at its own iteration.
+    views = make_views(method.view_recipe())
+    method.train()
+    for iteration in (0, 2, 14):
+        out = method.training_step(views, labels_for(), Step(iteration, iteration // 3, 3, 15))
+        assert out.logs["teacher_temp"] == pytest.approx(temps[iteration])
+    assert out.logs["teacher_temp"] == pytest.approx(0.07)
+
+
+def test_dino_out_dim_auto():
+    torch.manual_seed(0)
+    small = build("dino", "vit_tiny16", out_dim=None)
+    assert small.config.out_dim == 4096
+    assert small.head.last_layer.out_features == 4096 and small.center.shape == (1, 4096)
+    assert small.resolved_options()["out_dim"] == 4096
+    big = build("dino", "vit_tiny16", image_size=224, out_dim=None)
+    assert big.config.out_dim == 65536
+    assert big.teacher_head.last_layer.out_features == 65536
+    assert build("dino", "vit_tiny16", out_dim=128).config.out_dim == 128  # an explicit value is kept
+
+
+def test_dino_teacher_has_no_stochastic_depth():
+    torch.manual_seed(0)
+    method = build("dino", "vit_tiny16", drop_path_rate=0.1)
+    student = [m.drop_prob for m in method.backbone.modules() if hasattr(m, "drop_prob")]
+    teacher = [m.drop_prob for m in method.teacher_backbone.modules() if hasattr(m, "drop_prob")]
+    assert student and max(student) == pytest.approx(0.1) and all(p > 0 for p in student)
+    assert len(teacher) == len(student) and all(p == 0 for p in teacher)
+    # In train mode the teacher is deterministic, the student is not.
+    method.train()
+    x = torch.randn(8, 3, SIZE, SIZE)  # 8 samples: two equal drop patterns in the student are ~1e-4 likely
+    with torch.no_grad():
+        assert torch.equal(method.teacher_backbone(x), method.teacher_backbone(x))
+        assert not torch.equal(method.backbone(x), method.backbone(x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# SimCLR, BYOL, supervised
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("image_size", "expected"), [(32, 0.5), (64, 0.5), (128, 0.1), (224, 0.1)])
+def test_simclr_temperature_auto(image_size, expected):
+    method_cls = get_method("simclr")
+    backbone = create_backbone("resnet18", SIZE)
+    context = TrainContext(1, 1, NUM_CLASSES, image_size)
+    method = method_cls(backbone, small_config(method_cls, temperature=None), context)
+    assert method.config.temperature == expected
+    explicit = method_cls(backbone, small_config(method_cls, temperature=0.2), context)
+    assert explicit.config.temperature == 0.2
+
+
+def test_byol_loss_is_symmetrised():
+    torch.manual_seed(0)
+    method = build("byol", "resnet18")
+    views = make_views(method.view_recipe())
+    method.eval()  # BatchNorm on running statistics: each sample's output is independent of its batch
+    step = Step(0, 0, 1, 1)
+    with torch.no_grad():
+        loss = method.training_step(views, labels_for(), step).loss
+        swapped = method.training_step(views[::-1], labels_for(), step).loss
+        p1, p2 = (method.predictor(method.projector(method.backbone(v))) for v in views)
+        t1, t2 = (method.target_projector(method.target_backbone(v)) for v in views)
+
+    def one_way(p, z):  # Eq. 2 of the paper
+        return (2 - 2 * F.cosine_similarity(p, z, dim=-1)).mean()
+
+    torch.testing.assert_close(swapped, loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, one_way(p1, t2) + one_way(p2, t1), rtol=0, atol=1e-5)
+    assert loss > byol_loss(p1, t2) + 1e-3  # both directions, not one
+
+
+def test_supervised_uses_labels():
+    torch.manual_seed(0)
+    method = build("supervised", "resnet18")
+    assert type(method).uses_labels is True
+    views = make_views(method.view_recipe())
+    labels = torch.tensor([3, 1, 4, 1])
+    method.eval()
+    step = Step(0, 0, 1, 1)
+    with torch.no_grad():
+        loss = method.training_step(views, labels, step).loss
+        other = method.training_step(views, (labels + 1) % NUM_CLASSES, step).loss
+        logits = [method.classifier(method.backbone(v)) for v in views]
+    reference = (F.cross_entropy(logits[0], labels) + F.cross_entropy(logits[1], labels)) / 2
+    torch.testing.assert_close(loss, reference, rtol=0, atol=1e-5)
+    assert not torch.isclose(loss, other)
+    assert method.classifier.out_features == NUM_CLASSES
+
+
+# --------------------------------------------------------------------------------------------------------
+# plan_pair
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_plan_pair_applies_paper_recipe_per_family(name):
+    method_cls = get_method(name)
+    for arch in ("resnet18", "vit_tiny16"):
+        family = "resnet" if arch.startswith("resnet") else "vit"
+        shared = plan_pair(method_cls, arch, RunConfig(recipe="shared"), CPU)
+        assert shared.recipe == "shared" and shared.train == RunConfig().train
+        paper = plan_pair(method_cls, arch, RunConfig(recipe="paper"), CPU)
+        overrides = method_cls.paper_recipe.get(family)
+        if overrides:
+            assert paper.recipe.startswith("paper")
+            for key, value in overrides.items():
+                assert getattr(paper.train, key) == value
+        else:
+            assert paper.recipe == "shared" and paper.train == RunConfig().train
+        assert isinstance(paper.method_options, method_cls.Config)
+
+
+def test_plan_pair_validates_method_options():
+    config = RunConfig(method_options={"dino": {"out_dimm": 8}})
+    with pytest.raises(SSLBenchError, match="did you mean 'dino.out_dim'"):
+        plan_pair(get_method("dino"), "resnet18", config, CPU)
+    plan = plan_pair(get_method("dino"), "resnet18", RunConfig(method_options={"dino": {"out_dim": 8}}), CPU)
+    assert plan.method_options.out_dim == 8
+
+
+# --------------------------------------------------------------------------------------------------------
+# The runner's loop
+# --------------------------------------------------------------------------------------------------------
+
+RUN_IMAGES, RUN_BATCH, RUN_EPOCHS = 16, 8, 2
+
+
+def _train_cfg(**overrides) -> TrainConfig:
+    base = {"epochs": RUN_EPOCHS, "batch_size": RUN_BATCH, "lr": 0.05, "warmup_epochs": 1, "log_every": 1,
+            "precision": "fp32", "num_workers": 0}
+    return TrainConfig(**{**base, **overrides})
+
+
+def _run(name: str, out_dir, seed: int = 0):
+    torch.manual_seed(seed)
+    method = build(name, "resnet18", epochs=RUN_EPOCHS, ipe=RUN_IMAGES // RUN_BATCH)
+    rng = np.random.default_rng(seed)
+    source = ArraySource(rng.integers(0, 256, (RUN_IMAGES, SIZE, SIZE, 3), dtype=np.uint8),
+                         np.arange(RUN_IMAGES) % NUM_CLASSES)
+    dataset = TransformDataset(source, build_view_transform(method.view_recipe(), SIZE, MEAN, STD))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=RUN_BATCH, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = train_loop(method, loader, _train_cfg(), "fp32", CPU, out_dir, show_progress=False)
+    return method, summary
+
+
+@pytest.mark.parametrize("name", ["simclr", "dino"])
+def test_train_loop_metrics_and_determinism(name, tmp_path):
+    method, summary = _run(name, tmp_path / "a")
+    ipe = RUN_IMAGES // RUN_BATCH
+    total = RUN_EPOCHS * ipe
+    assert summary["epochs"] == RUN_EPOCHS and summary["iterations"] == total
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(total))
+    assert all({"iteration", "loss", "lr", "epoch"} <= set(r) for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    lrs = cosine_schedule(0.05 * RUN_BATCH / 256, _train_cfg().min_lr, RUN_EPOCHS, ipe, 1)
+    np.testing.assert_allclose([r["lr"] for r in records], lrs, rtol=1e-12)
+    assert records[-1]["loss"] == summary["final_loss"]
+    if name == "dino":
+        assert all("teacher_temp" in r for r in records)
+
+    again, summary_again = _run(name, tmp_path / "b")
+    assert summary_again["final_loss"] == summary["final_loss"]
+    state, state_again = method.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    differing = [k for k in state if not torch.equal(state[k], state_again[k])]
+    assert not differing, f"same seed, different weights: {differing[:5]}"
+
+
+class _DivergingMethod(Method):
+    """Finite loss at iteration 0, then ``bad`` from iteration 1 on."""
+
+    bad = math.nan
+
+    def __init__(self, backbone: Backbone, config, context: TrainContext) -> None:
+        super().__init__(backbone, config, context)
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def view_recipe(self) -> ViewRecipe:
+        return two_views()
+
+    def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
+        scale = 1.0 if step.iteration == 0 else self.bad
+        return StepOutput(self.weight.sum() * scale)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_train_loop_stops_on_non_finite_loss(bad, tmp_path):
+    method_cls = type("Diverging", (_DivergingMethod,), {"bad": bad})
+    method = method_cls(create_backbone("resnet18", SIZE), None, TrainContext(2, 2, NUM_CLASSES, SIZE))
+    data = [([torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)], 0)] * 16
+    loader = torch.utils.data.DataLoader(data, batch_size=RUN_BATCH)
+    with pytest.raises(SSLBenchError) as info:
+        train_loop(method, loader, _train_cfg(), "fp32", CPU, tmp_path, show_progress=False)
+    message = str(info.value)
+    assert f"loss became {bad}" in message
+    assert "iteration 1" in message and "epoch 0" in message
+    assert "last finite loss 1" in message
