@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,21 @@ from sslbench.errors import SSLBenchError, unknown_name_message
 from sslbench.optim import OPTIMIZERS
 
 PRESETS = ("quick", "cifar10", "imagenet")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; researchers write learning rates that way."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -138,8 +154,10 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def unknown_key_message(path: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    """Suggest by the last part of the key, so a shared ``train.`` prefix does not count as a match."""
+    by_leaf = {key.rsplit(".", 1)[-1]: key for key in valid}
+    close = difflib.get_close_matches(path.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.6)
+    hint = f"; did you mean '{by_leaf[close[0]]}'?" if close else ""
     return f"unknown config key '{path}'{hint} (valid keys here: {', '.join(sorted(valid))})"
 
 
@@ -158,7 +176,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise SSLBenchError(f"config file not found: {file}")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        data = _parse_yaml(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{file}, line {mark.line + 1}" if mark is not None else str(file)
@@ -172,7 +190,7 @@ def load_preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise SSLBenchError(unknown_name_message("preset", name, PRESETS))
     text = resources.files("sslbench.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}
+    return _parse_yaml(text) or {}
 
 
 def parse_set(assignment: str) -> dict[str, Any]:
@@ -181,7 +199,7 @@ def parse_set(assignment: str) -> dict[str, Any]:
         raise SSLBenchError(f"--set expects key=value (e.g. train.epochs=3), got '{assignment}'")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = _parse_yaml(raw)
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {}

@@ -39,7 +39,11 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
                 f"and none of {', '.join(sorted(RESERVED_NAMES))}"
             )
         existing = _methods.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
+        same_class = existing is not None and (existing.__module__, existing.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
+        if existing is not None and not same_class:
             raise SSLBenchError(
                 f"method '{name}' is registered twice: by {existing.__module__} and {cls.__module__}"
             )
