@@ -73,6 +73,11 @@ def precision_for(train: TrainConfig, device: torch.device) -> str:
     return train.precision
 
 
+def memory_format_for(device: torch.device, family: str) -> torch.memory_format:
+    """Channels-last convolutions are faster on CUDA tensor cores; the CPU keeps the default layout."""
+    return torch.channels_last if device.type == "cuda" and family == "resnet" else torch.contiguous_format
+
+
 def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
     """DINO's clipping: each parameter's gradient is clipped to ``max_norm`` on its own."""
     for param in params:
@@ -124,7 +129,8 @@ def train_and_evaluate(
             f"({len(train_source)} images): lower --batch-size"
         )
     context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
-    method = plan.method_cls(backbone, plan.method_options, context).to(device)
+    method = plan.method_cls(backbone, plan.method_options, context)
+    method = method.to(device, memory_format=memory_format_for(device, backbone.family))
     recipe_views = method.view_recipe()
     precision = precision_for(train_cfg, device)
 
@@ -211,7 +217,7 @@ def train_loop(
     trainable = [p for group in groups for p in group["params"]]
     pairs = method.momentum_pairs()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    channels_last = device.type == "cuda" and method.backbone.family == "resnet"
+    memory_format = memory_format_for(device, method.backbone.family)
 
     records: list[dict[str, Any]] = []
     last_finite, last_loss = math.nan, math.nan
@@ -233,7 +239,6 @@ def train_loop(
                 group["lr"] = float(lr_schedule[it])
                 if group["regularized"]:
                     group["weight_decay"] = float(wd_schedule[it])
-            memory_format = torch.channels_last if channels_last else torch.contiguous_format
             views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
             labels = labels.to(device, non_blocking=True)
             with autocast:

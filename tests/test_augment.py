@@ -28,14 +28,10 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread() -> Iterator[None]:
-    """Seeded, and single-threaded as in a data-loader worker: tiny blurs are slower with more threads."""
+def _seeded() -> Iterator[None]:
     torch.manual_seed(0)
     random.seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 def _noise_image(width: int, height: int, mode: str = "RGB") -> Image.Image:

@@ -23,8 +23,6 @@ from sslbench.backbones import (
     multicrop_forward,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 KNOWN_FEAT_DIMS = {"resnet18": 512, "resnet50": 2048, "vit_tiny16": 192, "vit_s16": 384, "vit_b16": 768}
 RESNETS = [a for a, spec in ARCHS.items() if spec.family == "resnet"]
 VITS = [a for a, spec in ARCHS.items() if spec.family == "vit"]

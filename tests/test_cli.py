@@ -41,15 +41,6 @@ ARCHS = ["resnet18", "vit_tiny16"]
 REPORT_FILES = ["summary.csv", "table.md", "table.tex", "summary.png"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a few shared cores run fastest, and repeat exactly, on one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Methods a test loads with --plugin stay out of the registry the other tests see."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ from sslbench.evaluate import (
     knn_classify,
     linear_probe,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """The tensors here are tiny: extra intra-op threads only add spin-wait overhead on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _clusters(n_per_class: int, num_classes: int = 5, dim: int = 16, spread: float = 0.5, seed: int = 0):

@@ -28,8 +28,6 @@ from sslbench.registry import get_method, list_methods
 from sslbench.runner import plan_pair, train_loop
 from sslbench.schedules import cosine_schedule
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE = 32
 NUM_CLASSES = 10
