@@ -1,21 +1,23 @@
 """Training-step throughput per method x small arch on the CPU (pytest-benchmark).
 
-Run: ``pytest benchmarks/bench_train_step.py --benchmark-enable``. Every method goes through the same
-step (forward, loss, backward, optimizer, EMA) on one fixed batch of 32 px views, so the numbers compare
-methods with each other on this machine; compare ratios, not absolute times.
+Run: ``pytest benchmarks/bench_train_step.py --benchmark-enable``. Every method goes through the
+runner's own step (forward, loss, backward, clipping, optimizer, EMA) on one fixed batch of 32 px
+views, so the numbers compare methods with each other on this machine: compare ratios, not times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 from PIL import Image
 
-from sslbench import Step, TrainContext, create_backbone, ema_update, get_method, list_methods
+from sslbench import Step, TrainContext, create_backbone, get_method, list_methods
 from sslbench.augment import build_view_transform
 from sslbench.optim import build_optimizer, parameter_groups
+from sslbench.runner import optimization_step
 
 BATCH = 16
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -45,12 +47,8 @@ def test_train_step(benchmark, name: str, arch: str) -> None:
     optimizer = build_optimizer("adamw", parameter_groups([method]), 0.9)
     step = Step(5, 1, 10, 10)
 
-    def train_step() -> None:
-        loss = method.training_step(views, labels, step).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema_update(method.momentum_pairs(), 0.996)
+    def train_step() -> None:  # the runner's own step: clipping, hooks, optimizer and EMA included
+        optimization_step(method, optimizer, views, labels, step, 3.0, 0.996, contextlib.nullcontext())
 
     benchmark.pedantic(train_step, rounds=3, warmup_rounds=1)
     benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats["mean"]

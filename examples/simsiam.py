@@ -26,7 +26,9 @@ class SimSiam(Method):
 
     def __init__(self, backbone, config, context):
         super().__init__(backbone, config, context)
-        self.projector = MLPHead(backbone.feat_dim, config.proj_dim, config.proj_dim, num_layers=3)
+        self.projector = MLPHead(
+            backbone.feat_dim, config.proj_dim, config.proj_dim, num_layers=3, last_bn=True
+        )
         self.predictor = MLPHead(config.proj_dim, config.pred_hidden_dim, config.proj_dim)
 
     def view_recipe(self):

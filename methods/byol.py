@@ -9,6 +9,7 @@ arXiv 2006.07733.
 - Loss (Eq. 2): ``L = 2 - 2 <q(z), z'> / (||q(z)|| ||z'||)`` with the target's projection ``z'`` of
   the other view, symmetrised (``L + L~``) by swapping the views.
 - Views: the paper's asymmetric pair (blur p 1.0 / 0.1, solarise p 0 / 0.2).
+- Each view goes through the networks on its own, so BatchNorm statistics are per view (reference code).
 - Evaluation uses the online encoder ``f_theta``, as the paper keeps it (Sec. 3.1).
 """
 
@@ -60,10 +61,12 @@ class BYOL(Method):
         return two_views(asymmetric=True)
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
-        online = multicrop_forward(self.backbone, views, self.projector)
+        online = multicrop_forward(self.backbone, views, self.projector, per_view_batch_norm=True)
         p1, p2 = (self.predictor(z) for z in online)
         with torch.no_grad():
-            t1, t2 = multicrop_forward(self.target_backbone, views, self.target_projector)
+            t1, t2 = multicrop_forward(
+                self.target_backbone, views, self.target_projector, per_view_batch_norm=True
+            )
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         return StepOutput(loss)
 

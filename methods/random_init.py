@@ -8,13 +8,9 @@ method starts from.
 from __future__ import annotations
 
 from sslbench import Method, register_method
-from sslbench.augment import ViewRecipe, two_views
 
 
 @register_method("random")
 class RandomInit(Method):
     paper = "untrained backbone, as in Caron et al. 2021"
     trainable = False
-
-    def view_recipe(self) -> ViewRecipe:
-        return two_views(asymmetric=False)  # never used for training; kept for a uniform interface

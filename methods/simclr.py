@@ -2,8 +2,9 @@
 
 Chen et al. 2020, arXiv 2002.05709.
 
-- Encoder ``f`` (the backbone) and projection head ``g``: MLP with one hidden layer (2048 -> 128, BN
-  as in the reference code); the loss is on ``z = g(f(x))`` (Sec. 2.1).
+- Encoder ``f`` (the backbone) and projection head ``g``: MLP with one hidden layer as wide as the
+  features, output 128, BN on both layers as in the reference code; the loss is on ``z = g(f(x))``
+  (Sec. 2.1).
 - NT-Xent (Eq. 1): ``l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)``
   over the 2N views of a batch, averaged over all positive pairs (Algorithm 1).
 - tau: 0.5 on small images (the paper's CIFAR-10 recipe, Appendix B.9), 0.1 at ImageNet scale.
@@ -22,6 +23,15 @@ from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
 from sslbench.heads import MLPHead
 from sslbench.losses import nt_xent_loss
 
+# CIFAR-10 (reference code's CIFAR command): LARS, lr 1.0 x B/256, wd 1e-4, 10 warm-up epochs.
+LARS_CIFAR_RECIPE = {
+    "optimizer": "lars",
+    "lr": 1.0,
+    "weight_decay": 1e-4,
+    "weight_decay_end": 1e-4,
+    "warmup_epochs": 10,
+    "clip_grad": 0.0,
+}
 LARS_RECIPE = {
     "optimizer": "lars",
     "lr": 0.3,
@@ -34,7 +44,7 @@ LARS_RECIPE = {
 
 @dataclass
 class SimCLRConfig:
-    proj_hidden_dim: int = 2048
+    proj_hidden_dim: int | None = None  # None: the backbone's feature width, as the reference code
     proj_dim: int = 128
     temperature: float | None = None  # None: 0.5 on small images, 0.1 at ImageNet scale
 
@@ -43,13 +53,18 @@ class SimCLRConfig:
 class SimCLR(Method):
     paper = "Chen et al. 2020, arXiv 2002.05709"
     Config = SimCLRConfig
-    paper_recipe = {"resnet": LARS_RECIPE}  # Sec. B.1: LARS, lr 0.3 x B/256, wd 1e-6, 10 warm-up epochs
+    paper_recipe = {
+        "resnet": LARS_RECIPE,
+        "resnet_small": LARS_CIFAR_RECIPE,
+    }  # Sec. B.1: LARS, lr 0.3 x B/256, wd 1e-6, 10 warm-up epochs
 
     def __init__(self, backbone: Backbone, config: SimCLRConfig, context: TrainContext) -> None:
         super().__init__(backbone, config, context)
         if config.temperature is None:
             config.temperature = 0.5 if context.image_size <= SMALL_IMAGE_MAX else 0.1
-        self.projector = MLPHead(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim)
+        if config.proj_hidden_dim is None:
+            config.proj_hidden_dim = backbone.feat_dim
+        self.projector = MLPHead(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim, last_bn=True)
 
     def view_recipe(self) -> ViewRecipe:
         return two_views(asymmetric=False)

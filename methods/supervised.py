@@ -27,7 +27,6 @@ SGD_RECIPE = {
 @register_method("supervised")
 class Supervised(Method):
     paper = "supervised baseline (cross-entropy), as in Caron et al. 2021, Table 2"
-    uses_labels = True
     paper_recipe = {"resnet": SGD_RECIPE}  # the standard ResNet recipe: SGD, lr 0.1 x B/256, wd 1e-4
 
     def __init__(self, backbone: Backbone, config: object, context: TrainContext) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
@@ -23,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 # The reference recipes are written for 224 px crops; blur sigmas are quoted at this size.
 _REFERENCE_SIZE = 224
 # Up to this size the dataset is CIFAR-like and gets the papers' small-image settings.
-_SMALL_IMAGE = 64
+SMALL_IMAGE_MAX = 64  # at or below: the papers' CIFAR recipes (crops, stems, patch grid, blur)
 
 _BICUBIC = InterpolationMode.BICUBIC
 
@@ -82,7 +83,7 @@ def crop_sizes(image_size: int) -> tuple[int, int]:
     (32 -> 16); otherwise round(image_size * 96 / 224)."""
     if image_size < 2:
         raise ValueError(f"image_size must be >= 2, got {image_size}")
-    if image_size <= _SMALL_IMAGE:
+    if image_size <= SMALL_IMAGE_MAX:
         return image_size, image_size // 2
     return image_size, round(image_size * 96 / _REFERENCE_SIZE)
 
@@ -90,16 +91,22 @@ def crop_sizes(image_size: int) -> tuple[int, int]:
 # --- building blocks ---------------------------------------------------------------------------------
 
 
+def rgb_image(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, RGBA, P, CMYK, 16-bit) as RGB: jitter and 3-channel normalisation need RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency converts cleanly only through RGBA
+    return image.convert("RGB")
+
+
 class _ToRGB:
-    """Picklable mode conversion, so the pipelines survive spawn-based data-loader workers."""
+    """Picklable wrapper of ``rgb_image``, so the pipelines survive spawn-based data-loader workers."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if image.mode == "RGB":
-            return image
-        if image.mode == "P":
-            # Palette transparency only converts cleanly (and silently) through RGBA.
-            image = image.convert("RGBA")
-        return image.convert("RGB")
+        return rgb_image(image)
 
     def __repr__(self) -> str:
         return "ToRGB()"
@@ -242,7 +249,7 @@ def build_view_transform(
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (views are RGB), got {list(mean)} and {list(std)}")
     global_size, local_size = crop_sizes(image_size)
-    small = image_size <= _SMALL_IMAGE
+    small = image_size <= SMALL_IMAGE_MAX
 
     def view(size: int, scale: tuple[float, float], photometric: T.Compose, blur_p: float, sol_p: float):
         return _view_pipeline(size, scale, photometric, blur_p, sol_p, mean, std)
@@ -273,7 +280,7 @@ def build_eval_transform(
     Small images are resized on the short side and centre-cropped, which is a no-op for images already
     at ``image_size`` and keeps the aspect ratio for those that are not.
     """
-    resize_to = image_size if image_size <= _SMALL_IMAGE else round(image_size * 256 / _REFERENCE_SIZE)
+    resize_to = image_size if image_size <= SMALL_IMAGE_MAX else round(image_size * 256 / _REFERENCE_SIZE)
     return T.Compose(
         [
             to_rgb(),

@@ -14,9 +14,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from sslbench.augment import SMALL_IMAGE_MAX
 from sslbench.errors import SSLBenchError, unknown_name_message
 
-SMALL_IMAGE_MAX = 64  # at or below this resolution: CIFAR stem for ResNets, an 8x8 patch grid for ViTs
 VIT_LINEAR_BLOCKS = 4  # DINO's linear protocol for ViT-S: class tokens of the last 4 blocks
 
 
@@ -90,7 +90,8 @@ class Backbone(nn.Module):
 def create_backbone(arch: str, image_size: int, drop_path_rate: float = 0.0) -> Backbone:
     """Build ``arch`` for images of ``image_size`` px, randomly initialised (no weights are fetched).
 
-    Small images: ResNets take the CIFAR stem (3x3 conv, stride 1, no max-pool; He et al. 2016, Sec. 4.2)
+    Small images: ResNets take the CIFAR stem (3x3 conv, stride 1, no max-pool; SimCLR, Chen et al. 2020,
+    Appendix B.9)
     and ViTs a patch size that keeps an 8x8 grid. ViTs interpolate position embeddings for crops of
     another size (``dynamic_img_size``), which multi-crop's local crops need, and pad a crop whose side
     is not a multiple of the patch (``dynamic_img_pad``; e.g. 41 px local crops of 96 px images).
@@ -122,11 +123,17 @@ def multicrop_forward(
     backbone: Callable[[Tensor], Tensor],
     crops: Sequence[Tensor],
     head: Callable[[Tensor], Tensor] | None = None,
+    per_view_batch_norm: bool = False,
 ) -> list[Tensor]:
-    """One backbone forward per run of same-resolution crops, one head forward for all; one output per crop.
+    """One output per crop, in order.
 
-    As the DINO reference: batching crops of one size together is what makes multi-crop affordable.
+    By default one backbone forward per run of same-resolution crops and one head forward for all, as
+    the DINO and SimCLR references batch them: that is what makes multi-crop affordable. With
+    ``per_view_batch_norm`` each crop goes through on its own, so BatchNorm statistics are per view, as
+    in the BYOL reference.
     """
+    if per_view_batch_norm:
+        return [head(backbone(crop)) if head is not None else backbone(crop) for crop in crops]
     outputs: list[Tensor] = []
     start = 0
     while start < len(crops):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sslbench.backbones import ARCHS
-from sslbench.config import PRESETS, load_preset, load_yaml, parse_set, resolve_config
+from sslbench.config import PRESETS, load_preset, load_yaml, parse_set, preset_text, resolve_config
 from sslbench.datasets import DATASET_CHOICES
 from sslbench.errors import SSLBenchError
 from sslbench.registry import list_methods, load_plugin_file
@@ -123,16 +123,8 @@ def command_list() -> int:
         print(f"  {name}")
     print("presets:")
     for name in PRESETS:
-        first = load_preset_comment(name)
-        print(f"  {name:<12} {first}")
+        print(f"  {name:<12} {preset_text(name).splitlines()[0].lstrip('# ')}")
     return 0
-
-
-def load_preset_comment(name: str) -> str:
-    from importlib import resources
-
-    text = resources.files("sslbench.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return text.splitlines()[0].lstrip("# ")
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -146,9 +138,16 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning for a user reads like an error: one line, no source file and line."""
+    return f"sslbench: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.simplefilter("default")
+    warnings.formatwarning = _format_warning
     try:
         if args.command == "run":
             return command_run(args)

@@ -186,11 +186,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def preset_text(name: str) -> str:
+    """The preset's YAML source; its first comment line describes it (``sslbench list`` shows it)."""
     if name not in PRESETS:
         raise SSLBenchError(unknown_name_message("preset", name, PRESETS))
-    text = resources.files("sslbench.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return _parse_yaml(text) or {}
+    return resources.files("sslbench.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    return _parse_yaml(preset_text(name)) or {}
 
 
 def parse_set(assignment: str) -> dict[str, Any]:
@@ -218,7 +222,6 @@ def resolve_config(layers: list[dict[str, Any]], method_names: list[str]) -> Run
         merged = merge(merged, layer)
     top_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"method_options"}
     method_options = {k: merged.pop(k) for k in list(merged) if k in method_names and k not in top_fields}
-    merged.pop("method_options", None)
     unknown = [k for k in merged if k not in top_fields]
     if unknown:
         valid = sorted(top_fields) + list(method_names)
@@ -228,8 +231,39 @@ def resolve_config(layers: list[dict[str, Any]], method_names: list[str]) -> Run
         if not isinstance(options, dict):
             raise SSLBenchError(f"config section '{name}' (options of method {name}) must be a mapping")
     config.method_options = method_options
-    check_choices(config)
+    check_values(config)
     return config
+
+
+def check_values(config: RunConfig) -> None:
+    """Values a type cannot rule out, caught before anything trains rather than after an hour of it."""
+    train, evaluation = config.train, config.eval
+    positive = {
+        "train.epochs": train.epochs,
+        "train.batch_size": train.batch_size,
+        "train.log_every": train.log_every,
+        "eval.batch_size": evaluation.batch_size,
+        "eval.linear_epochs": evaluation.linear_epochs,
+        "eval.knn_temperature": evaluation.knn_temperature,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise SSLBenchError(f"config key '{key}' must be positive, got {value}")
+    for key, values in (("eval.knn_k", evaluation.knn_k), ("eval.linear_lrs", evaluation.linear_lrs)):
+        if not values or min(values) <= 0:
+            raise SSLBenchError(
+                f"config key '{key}' must be a non-empty list of positive numbers, got {values}"
+            )
+    if evaluation.knn_headline_k not in evaluation.knn_k:
+        raise SSLBenchError(
+            f"config key 'eval.knn_headline_k' ({evaluation.knn_headline_k}) must be one of eval.knn_k "
+            f"({evaluation.knn_k})"
+        )
+    if not 0.0 < evaluation.linear_val_fraction < 1.0:
+        raise SSLBenchError(
+            f"config key 'eval.linear_val_fraction' must be in (0, 1), got {evaluation.linear_val_fraction}"
+        )
+    check_choices(config)
 
 
 def check_choices(config: RunConfig) -> None:

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import numpy as np
+import torch
 import torch.utils.data
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from sslbench.augment import rgb_image
 from sslbench.errors import SSLBenchError, unknown_name_message
 
 DATASET_CHOICES: tuple[str, ...] = ("embedded", "cifar10", "imagefolder:PATH")
@@ -43,16 +46,11 @@ class ImageSource(Protocol):
 
 
 def read_rgb(file: str | Path | IO[bytes], name: str | Path) -> Image.Image:
-    """Decode any PIL mode (L, RGBA, P, CMYK, 16-bit) to RGB; an unreadable file is the user's to fix."""
+    """Decode an image file to RGB; an unreadable file is the user's to fix, so say which."""
     try:
         with Image.open(file) as img:
-            if img.mode.startswith("I;16"):
-                return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)).convert(
-                    "RGB"
-                )
-            if img.mode == "P" and "transparency" in img.info:
-                return img.convert("RGBA").convert("RGB")
-            return img.convert("RGB")
+            img.load()
+            return rgb_image(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise SSLBenchError(f"{name}: not a readable image ({exc})") from exc
 
@@ -334,4 +332,27 @@ def load_dataset(
         return _load_imagefolder(name.split(":", 1)[1], image_size)
     if name == "imagefolder":
         return _load_imagefolder(root or "", image_size)
-    raise SSLBenchError(unknown_name_message("dataset", name, ["embedded", "cifar10", "imagefolder:PATH"]))
+    raise SSLBenchError(unknown_name_message("dataset", name, DATASET_CHOICES))
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+    drop_last: bool,
+) -> DataLoader:
+    """Seeded shuffling, so one config gives one data order; pinned memory only where it helps (CUDA)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )

@@ -14,7 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslbench.augment import build_eval_transform
+from sslbench.config import RunConfig
+from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, make_loader, subset_indices
 from sslbench.errors import SSLBenchError
+from sslbench.method import Method
 
 _EVAL_CHUNK = 8192  # rows scored at once by the linear probe; bounds memory on large test sets
 
@@ -269,3 +273,65 @@ def linear_probe(
         best_lr = max(sweep, key=lambda lr: (val_top1[lr], -lr))
     weight, bias = _train_probe(train_x, train_y, num_classes, best_lr, **hyper)
     return LinearProbeResult(top1=_accuracy(weight, bias, test_x, test_y), best_lr=best_lr, val_top1=val_top1)
+
+
+def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, device: torch.device) -> dict:
+    """Extract frozen features once (no augmentation), then k-NN and the linear probe on them."""
+    eval_cfg = config.eval
+    transform = build_eval_transform(data.image_size, data.mean, data.std)
+    bank, test = data.train, data.test
+    if eval_cfg.train_per_class is not None:
+        bank = SubsetSource(bank, subset_indices(bank.labels, eval_cfg.train_per_class, config.seed))
+    if eval_cfg.test_per_class is not None:
+        test = SubsetSource(test, subset_indices(test.labels, eval_cfg.test_per_class, config.seed))
+    backbone = method.eval_backbone()
+    method.eval()
+
+    features: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+    for split, source in (("bank", bank), ("test", test)):
+        loader = make_loader(
+            TransformDataset(source, transform),
+            eval_cfg.batch_size,
+            False,
+            config.seed,
+            config.train.num_workers,
+            device,
+            drop_last=False,
+        )
+        features[split] = extract_features(backbone.forward_eval, loader, device)
+    (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
+    knn = knn_classify(
+        bank_feats["knn"],
+        bank_labels,
+        test_feats["knn"],
+        test_labels,
+        data.num_classes,
+        ks=eval_cfg.knn_k,
+        temperature=eval_cfg.knn_temperature,
+        device=device,
+    )
+    linear = None
+    if eval_cfg.linear:
+        result = linear_probe(
+            bank_feats["linear"],
+            bank_labels,
+            test_feats["linear"],
+            test_labels,
+            data.num_classes,
+            lrs=eval_cfg.linear_lrs,
+            epochs=eval_cfg.linear_epochs,
+            val_fraction=eval_cfg.linear_val_fraction,
+            seed=config.seed,
+            device=device,
+        )
+        linear = {
+            "top1": round(result.top1, 2),
+            "best_lr": result.best_lr,
+            "val_top1": {str(k): round(v, 2) for k, v in result.val_top1.items()},
+        }
+    return {
+        "knn": {str(k): round(v, 2) for k, v in knn.items()},
+        "linear": linear,
+        "bank_images": len(bank),
+        "test_images": len(test),
+    }

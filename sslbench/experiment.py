@@ -40,9 +40,15 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise SSLBenchError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise SSLBenchError(
             f"device '{name}' was requested but no CUDA GPU is available: use --device cpu or --device auto"
+        )
+    if (device.index or 0) >= torch.cuda.device_count():
+        raise SSLBenchError(
+            f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
         )
     return device
 
@@ -59,10 +65,19 @@ def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
     for arch in config.archs:
         arch_spec(arch)
     device = resolve_device(config.device)
-    plans = [plan_pair(cls, arch, config, device) for cls in methods.values() for arch in config.archs]
     data = load_dataset(config.dataset, config.data_root, config.image_size, config.download)
+    plans = [
+        plan_pair(cls, arch, config, device, data.image_size)
+        for cls in methods.values()
+        for arch in config.archs
+    ]
 
     out_dir = Path(config.out) if config.out else default_out_dir(config)
+    if any(out_dir.glob("*/eval.json")):
+        raise SSLBenchError(
+            f"results folder {out_dir} already holds a run: give another --out, or remove it first "
+            "(a run's tables must hold only its own pairs)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     sources = list_methods()

@@ -8,20 +8,25 @@ from torch.nn.utils.parametrizations import weight_norm
 
 
 class MLPHead(nn.Module):
-    """Linear -> BatchNorm -> ReLU, repeated, then a final Linear.
+    """Linear -> BatchNorm -> ReLU, repeated, then a final Linear (optionally batch-normalised).
 
     BYOL's projector and predictor (Grill et al. 2020, Sec. 3.3: hidden 4096, output 256, BN) and
-    SimCLR's projection head g(.) (Chen et al. 2020, Sec. 2.1; BN as in the reference code).
+    SimCLR's projection head g(.) (Chen et al. 2020, Sec. 2.1; the reference code also normalises the
+    output with BN and drops that layer's bias: ``last_bn``).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
             layers += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+        if last_bn:
+            layers.append(nn.BatchNorm1d(out_dim))
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

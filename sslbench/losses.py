@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _fp32(x: Tensor) -> Tensor:
+    """At least fp32 (bf16/fp16 are promoted, fp64 kept): losses are computed outside autocast precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def dino_loss(
     student_out: list[Tensor],
     teacher_out: list[Tensor],
@@ -22,10 +27,11 @@ def dino_loss(
     ``P_t = softmax((g_t(x) - C) / tau_t)``, ``P_s = softmax(g_s(x') / tau_s)`` and the loss
     ``sum_{x in {x1_g, x2_g}} sum_{x' in V, x' != x} H(P_t(x), P_s(x'))`` averaged over the pairs,
     where ``H(a, b) = -a log b``. ``student_out`` holds one ``(B, K)`` tensor per crop, global crops
-    first; ``teacher_out`` one per global crop. The teacher side carries no gradient.
+    first; ``teacher_out`` one per global crop. The teacher side carries no gradient. Computed in fp32
+    whatever the autocast precision: a sharp softmax at T = 0.04 amplifies bf16 rounding.
     """
-    teacher_probs = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher_out]
-    student_logp = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
+    teacher_probs = [F.softmax((_fp32(t.detach()) - center) / teacher_temp, dim=-1) for t in teacher_out]
+    student_logp = [F.log_softmax(_fp32(s) / student_temp, dim=-1) for s in student_out]
     total = student_out[0].new_zeros(())
     pairs = 0
     for t_idx, q in enumerate(teacher_probs):
@@ -40,7 +46,7 @@ def dino_loss(
 @torch.no_grad()
 def updated_center(center: Tensor, teacher_out: list[Tensor], momentum: float) -> Tensor:
     """DINO's centering (Eq. 4): ``C <- m C + (1 - m) mean_batch(g_t(x))``, over every global crop."""
-    batch_center = torch.cat(teacher_out).float().mean(dim=0, keepdim=True)
+    batch_center = _fp32(torch.cat(teacher_out)).mean(dim=0, keepdim=True)
     return center * momentum + batch_center * (1.0 - momentum)
 
 
@@ -50,8 +56,8 @@ def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     One direction, averaged over the batch; the target carries no gradient. The method sums both
     directions (the symmetrised ``L + L~`` of the paper).
     """
-    q = F.normalize(prediction, dim=-1)
-    z = F.normalize(target.detach(), dim=-1)
+    q = F.normalize(_fp32(prediction), dim=-1)
+    z = F.normalize(_fp32(target.detach()), dim=-1)
     return (2 - 2 * (q * z).sum(dim=-1)).mean()
 
 
@@ -60,10 +66,12 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
 
     ``l(i, j) = -log exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau)`` with cosine
     ``sim``, averaged over all ``2N`` anchors; row ``i`` of ``z1`` and ``z2`` are the positive pair.
+    In fp32: dividing bf16 similarities by tau = 0.1 would magnify their rounding error tenfold.
     """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)
-    logits = z @ z.t() / temperature
+    z = F.normalize(_fp32(torch.cat([z1, z2])), dim=-1)
+    with torch.autocast(z.device.type, enabled=False):  # autocast would run this matmul in bf16
+        logits = z @ z.t() / temperature
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, targets)

@@ -69,7 +69,6 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Config: ClassVar[type] = NoOptions
-    uses_labels: ClassVar[bool] = False
     trainable: ClassVar[bool] = True
     # Training overrides applied only with ``--recipe paper``, per backbone family ("resnet", "vit").
     paper_recipe: ClassVar[dict[str, dict[str, Any]]] = {}

@@ -8,6 +8,7 @@ name without breaking the others.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import sys
@@ -16,11 +17,13 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from sslbench.config import RunConfig
 from sslbench.errors import SSLBenchError, unknown_name_message
 from sslbench.method import Method
 
 ENTRY_POINT_GROUP = "sslbench.methods"
-RESERVED_NAMES = frozenset({"train", "eval", "methods", "archs"})  # config sections share the namespace
+# Method sections sit beside the run's own keys in a config, so a method may not take one of their names.
+RESERVED_NAMES = frozenset(f.name for f in dataclasses.fields(RunConfig)) | {"method_options"}
 
 _methods: dict[str, type[Method]] = {}
 _sources: dict[str, str] = {}
@@ -90,7 +93,8 @@ def load_plugin_file(path: str | Path) -> list[str]:
     before = set(_methods)
     module_name = f"sslbench_plugin_{file.stem}"
     spec = importlib.util.spec_from_file_location(module_name, file)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None or file.suffix != ".py":
+        raise SSLBenchError(f"plugin {file} is not a Python file: give the path of a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:

@@ -7,6 +7,7 @@ declared teachers, metrics, and the frozen-feature evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,12 +24,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sslbench.atomic_io import write_text_atomic
-from sslbench.augment import build_eval_transform, build_view_transform
+from sslbench.augment import SMALL_IMAGE_MAX, build_view_transform
 from sslbench.backbones import arch_spec, create_backbone, effective_patch_size
 from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
-from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, subset_indices
+from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, make_loader, subset_indices
 from sslbench.errors import SSLBenchError
-from sslbench.evaluate import extract_features, knn_classify, linear_probe
+from sslbench.evaluate import evaluate_method
 from sslbench.method import Method, Step, TrainContext
 from sslbench.momentum import ema_update
 from sslbench.optim import build_optimizer, parameter_groups
@@ -53,14 +54,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def plan_pair(method_cls: type[Method], arch: str, config: RunConfig, device: torch.device) -> PairPlan:
+def plan_pair(
+    method_cls: type[Method],
+    arch: str,
+    config: RunConfig,
+    device: torch.device,
+    image_size: int | None = None,
+) -> PairPlan:
+    """Resolve the pair's schedule (the shared one, or the method's paper recipe) and its options.
+
+    A paper recipe may differ for small images (key ``"<family>_small"``, e.g. SimCLR's CIFAR recipe).
+    """
     family = arch_spec(arch).family
     train = config.train
     recipe = "shared"
-    overrides = method_cls.paper_recipe.get(family) if config.recipe == "paper" else None
-    if overrides:
-        train = dataclasses.replace(train, **overrides)
-        recipe = f"paper ({method_cls.name}, {family})"
+    if config.recipe == "paper":
+        small = image_size is not None and image_size <= SMALL_IMAGE_MAX
+        key = f"{family}_small" if small and f"{family}_small" in method_cls.paper_recipe else family
+        overrides = method_cls.paper_recipe.get(key)
+        if overrides:
+            train = dataclasses.replace(train, **overrides)
+            recipe = f"paper ({method_cls.name}, {key})"
     options = build_dataclass(
         method_cls.Config, config.method_options.get(method_cls.name, {}), method_cls.name
     )
@@ -86,28 +100,6 @@ def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
             param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-def _loader(
-    dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int,
-    device: torch.device,
-    drop_last: bool,
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-    )
-
-
 def train_and_evaluate(
     plan: PairPlan, config: RunConfig, data: DatasetSplits, pair_dir: Path, show_progress: bool = True
 ) -> dict[str, Any]:
@@ -131,15 +123,17 @@ def train_and_evaluate(
     context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
     method = plan.method_cls(backbone, plan.method_options, context)
     method = method.to(device, memory_format=memory_format_for(device, backbone.family))
-    recipe_views = method.view_recipe()
     precision = precision_for(train_cfg, device)
+    crops = "none (untrained)"
 
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
     if plan.method_cls.trainable:
+        recipe_views = method.view_recipe()
+        crops = recipe_views.describe(image_size)
         dataset = TransformDataset(
             train_source, build_view_transform(recipe_views, image_size, data.mean, data.std)
         )
-        loader = _loader(
+        loader = make_loader(
             dataset, train_cfg.batch_size, True, config.seed, train_cfg.num_workers, device, drop_last=True
         )
         train_summary = train_loop(method, loader, train_cfg, precision, device, pair_dir, show_progress)
@@ -154,7 +148,7 @@ def train_and_evaluate(
         "knn_bank_images": metrics.pop("bank_images"),
         "image_size": image_size,
         "patch_size": patch,
-        "crops": recipe_views.describe(image_size),
+        "crops": crops,
         "epochs": train_cfg.epochs if plan.method_cls.trainable else 0,
         "batch_size": train_cfg.batch_size,
         "optimizer": train_cfg.optimizer,
@@ -195,6 +189,41 @@ def train_and_evaluate(
     }
 
 
+def optimization_step(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    labels: torch.Tensor,
+    step: Step,
+    clip_grad: float,
+    ema_momentum: float,
+    autocast: contextlib.AbstractContextManager,
+    last_finite_loss: float = math.nan,
+) -> tuple[float, dict[str, float]]:
+    """Forward, loss, backward, clipping, the method's hook, optimizer step, EMA: the same for every method.
+
+    Returns the loss and the method's logs. Reading the loss is the one host synchronisation per step;
+    a non-finite loss stops the pair with advice before it corrupts the weights.
+    """
+    with autocast:
+        output = method.training_step(views, labels, step)
+    loss = output.loss.item()
+    if not math.isfinite(loss):
+        raise SSLBenchError(
+            f"loss became {loss} at iteration {step.iteration} (epoch {step.epoch}); last finite loss "
+            f"{last_finite_loss:.4g}. Try a lower lr (--set train.lr=...), fp32 "
+            "(--set train.precision=fp32), or for DINO a higher teacher temperature."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    if clip_grad > 0:
+        clip_per_parameter([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
+    method.after_backward(step)
+    optimizer.step()
+    ema_update(method.momentum_pairs(), ema_momentum)
+    return loss, {key: float(value) for key, value in output.logs.items()}
+
+
 def train_loop(
     method: Method,
     loader: DataLoader,
@@ -204,6 +233,7 @@ def train_loop(
     pair_dir: Path,
     show_progress: bool,
 ) -> dict[str, Any]:
+    """Epochs of ``optimization_step`` on per-iteration schedules; metrics.jsonl survives a failure."""
     ipe, epochs = len(loader), train_cfg.epochs
     total = ipe * epochs
     scale = train_cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as every reference does
@@ -212,15 +242,12 @@ def train_loop(
     )
     wd_schedule = cosine_schedule(train_cfg.weight_decay, train_cfg.weight_decay_end, epochs, ipe)
     momentum_schedule = cosine_schedule(train_cfg.ema_momentum, train_cfg.ema_momentum_end, epochs, ipe)
-    groups = parameter_groups([method])
-    optimizer = build_optimizer(train_cfg.optimizer, groups, train_cfg.momentum)
-    trainable = [p for group in groups for p in group["params"]]
-    pairs = method.momentum_pairs()
+    optimizer = build_optimizer(train_cfg.optimizer, parameter_groups([method]), train_cfg.momentum)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     memory_format = memory_format_for(device, method.backbone.family)
 
     records: list[dict[str, Any]] = []
-    last_finite, last_loss = math.nan, math.nan
+    loss = math.nan
     start = time.perf_counter()
     images_seen = 0
     method.train()
@@ -229,131 +256,62 @@ def train_loop(
         desc=f"{method.name}-{method.backbone.arch}",
         disable=not show_progress,
         dynamic_ncols=True,
-        leave=True,
     )
-    for epoch in range(epochs):
-        for batch_index, (views, labels) in enumerate(loader):
-            it = epoch * ipe + batch_index
-            step = Step(it, epoch, ipe, total)
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[it])
-                if group["regularized"]:
-                    group["weight_decay"] = float(wd_schedule[it])
-            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-            labels = labels.to(device, non_blocking=True)
-            with autocast:
-                output = method.training_step(views, labels, step)
-            loss = output.loss
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise SSLBenchError(
-                    f"loss became {last_loss} at iteration {it} (epoch {epoch}); last finite loss "
-                    f"{last_finite:.4g}. Try a lower lr (--set train.lr=...), fp32 "
-                    "(--set train.precision=fp32), or for DINO a higher teacher temperature."
+    try:
+        for epoch in range(epochs):
+            for batch_index, (views, labels) in enumerate(loader):
+                it = epoch * ipe + batch_index
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_schedule[it])
+                    if group["regularized"]:
+                        group["weight_decay"] = float(wd_schedule[it])
+                views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+                labels = labels.to(device, non_blocking=True)
+                step = Step(it, epoch, ipe, total)
+                loss, logs = optimization_step(
+                    method,
+                    optimizer,
+                    views,
+                    labels,
+                    step,
+                    train_cfg.clip_grad,
+                    float(momentum_schedule[it]),
+                    autocast,
+                    loss,
                 )
-            last_finite = last_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.clip_grad > 0:
-                clip_per_parameter(trainable, train_cfg.clip_grad)
-            method.after_backward(step)
-            optimizer.step()
-            if pairs:
-                ema_update(pairs, float(momentum_schedule[it]))
-            images_seen += labels.shape[0]
-            elapsed = time.perf_counter() - start
-            if it % train_cfg.log_every == 0 or it == total - 1:
-                record = {
-                    "iteration": it,
-                    "epoch": epoch,
-                    "loss": last_loss,
-                    "lr": float(lr_schedule[it]),
-                    "weight_decay": float(wd_schedule[it]),
-                    "ema_momentum": float(momentum_schedule[it]),
-                    "images_per_s": images_seen / elapsed,
-                    "elapsed_s": elapsed,
-                }
-                record.update({k: float(v) for k, v in output.logs.items()})
-                records.append(record)
-            bar.set_postfix(
-                loss=f"{last_loss:.3f}",
-                lr=f"{lr_schedule[it]:.2e}",
-                img_s=f"{images_seen / elapsed:.1f}",
-                refresh=False,
-            )
-            bar.update(1)
-        write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    bar.close()
+                images_seen += labels.shape[0]
+                elapsed = time.perf_counter() - start
+                if it % train_cfg.log_every == 0 or it == total - 1:
+                    records.append(
+                        {
+                            "iteration": it,
+                            "epoch": epoch,
+                            "loss": loss,
+                            "lr": float(lr_schedule[it]),
+                            "weight_decay": float(wd_schedule[it]),
+                            "ema_momentum": float(momentum_schedule[it]),
+                            "images_per_s": images_seen / elapsed,
+                            "elapsed_s": elapsed,
+                            **logs,
+                        }
+                    )
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    lr=f"{lr_schedule[it]:.2e}",
+                    img_s=f"{images_seen / elapsed:.1f}",
+                    refresh=False,
+                )
+                bar.update(1)
+            write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    finally:
+        bar.close()
+        if records:  # what led up to a failure is worth keeping
+            write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     wall = time.perf_counter() - start
     return {
         "epochs": epochs,
         "iterations": total,
         "wall_s": round(wall, 2),
         "images_per_s": round(images_seen / wall, 2),
-        "final_loss": last_loss,
-    }
-
-
-def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, device: torch.device) -> dict:
-    """Extract frozen features once (no augmentation), then k-NN and the linear probe on them."""
-    eval_cfg = config.eval
-    transform = build_eval_transform(data.image_size, data.mean, data.std)
-    bank, test = data.train, data.test
-    if eval_cfg.train_per_class is not None:
-        bank = SubsetSource(bank, subset_indices(bank.labels, eval_cfg.train_per_class, config.seed))
-    if eval_cfg.test_per_class is not None:
-        test = SubsetSource(test, subset_indices(test.labels, eval_cfg.test_per_class, config.seed))
-    backbone = method.eval_backbone()
-    method.eval()
-
-    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return backbone.forward_eval(images.to(device))
-
-    features: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
-    for split, source in (("bank", bank), ("test", test)):
-        loader = _loader(
-            TransformDataset(source, transform),
-            eval_cfg.batch_size,
-            False,
-            config.seed,
-            config.train.num_workers,
-            device,
-            drop_last=False,
-        )
-        features[split] = extract_features(encode, loader, device)
-    (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
-    knn = knn_classify(
-        bank_feats["knn"],
-        bank_labels,
-        test_feats["knn"],
-        test_labels,
-        data.num_classes,
-        ks=eval_cfg.knn_k,
-        temperature=eval_cfg.knn_temperature,
-        device=device,
-    )
-    linear = None
-    if eval_cfg.linear:
-        result = linear_probe(
-            bank_feats["linear"],
-            bank_labels,
-            test_feats["linear"],
-            test_labels,
-            data.num_classes,
-            lrs=eval_cfg.linear_lrs,
-            epochs=eval_cfg.linear_epochs,
-            val_fraction=eval_cfg.linear_val_fraction,
-            seed=config.seed,
-            device=device,
-        )
-        linear = {
-            "top1": round(result.top1, 2),
-            "best_lr": result.best_lr,
-            "val_top1": {str(k): round(v, 2) for k, v in result.val_top1.items()},
-        }
-    return {
-        "knn": {str(k): round(v, 2) for k, v in knn.items()},
-        "linear": linear,
-        "bank_images": len(bank),
-        "test_images": len(test),
+        "final_loss": loss,
     }

@@ -120,7 +120,8 @@ def test_tiny_run_records_results_and_protocol(tiny_run: tuple[Path, int, str, s
             assert re.fullmatch(r"[0-9a-f]{12}", protocol["config_hash"])
             hashes.add(protocol["config_hash"])
             assert protocol["patch_size"] == (4 if arch == "vit_tiny16" else None)
-            assert protocol["crops"] == ("2x32 + 1x16" if method == "dino" else "2x32")
+            crops = {"dino": "2x32 + 1x16", "random": "none (untrained)"}.get(method, "2x32")
+            assert protocol["crops"] == crops
             source = {"dino": "teacher backbone", "random": "untrained backbone"}.get(method, "backbone")
             assert protocol["feature_source"] == source
             if method == "random":
