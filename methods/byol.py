@@ -68,7 +68,7 @@ class BYOL(Method):
                 self.target_backbone, views, self.target_projector, per_view_batch_norm=True
             )
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return StepOutput(loss)
+        return StepOutput(loss, embeddings=torch.cat(online))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]

@@ -11,6 +11,9 @@ Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
 - Centering (Eq. 4): ``C <- m C + (1 - m) mean(g_t)`` with m = 0.9; sharpening by tau_t = 0.04
   (optionally warmed up from ``warmup_teacher_temp``) against tau_s = 0.1.
 - The last layer of the student head is frozen during the first epoch (reference recipe).
+- Ablations of the paper (Table 7) are options of this one method: ``center_momentum=1`` (no centering),
+  ``teacher_temp=student_temp`` (no sharpening), EMA momentum 0 (no momentum teacher), ``loss=mse``,
+  ``predictor=true``, ``local_crops_number=0`` (no multi-crop); see ``sslbench ablate``.
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
+from sslbench import Backbone, Method, SSLBenchError, Step, StepOutput, TrainContext, register_method
 from sslbench.augment import ViewRecipe, multi_crop
 from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
-from sslbench.heads import DINOHead
-from sslbench.losses import dino_loss, updated_center
+from sslbench.diagnostics import entropy, kl_divergence
+from sslbench.heads import DINOHead, MLPHead
+from sslbench.losses import dino_loss, dino_mse_loss, updated_center
 from sslbench.momentum import ema_copy
 from sslbench.schedules import linear_warmup_then_constant
+
+LOSSES = {"cross_entropy": dino_loss, "mse": dino_mse_loss}
 
 
 @dataclass
@@ -44,6 +51,8 @@ class DINOConfig:
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
     freeze_last_layer_epochs: int = 1
+    loss: str = "cross_entropy"  # or "mse": the paper's ablation (Table 7)
+    predictor: bool = False  # the paper's ablation: a BYOL-style predictor on the student only
 
 
 @register_method("dino")
@@ -62,6 +71,12 @@ class DINO(Method):
             config.bottleneck_dim,
             norm_last_layer=config.norm_last_layer,
         )
+        if config.loss not in LOSSES:
+            raise SSLBenchError(f"dino.loss must be one of {', '.join(LOSSES)}, got '{config.loss}'")
+        # Student-only predictor (ablation) between backbone and head: the teacher path is unchanged.
+        self.predictor = (
+            MLPHead(backbone.feat_dim, config.hidden_dim, backbone.feat_dim) if config.predictor else None
+        )
         self.teacher_backbone = ema_copy(backbone)
         self.teacher_head = ema_copy(self.head)
         self.register_buffer("center", torch.zeros(1, config.out_dim))
@@ -78,13 +93,28 @@ class DINO(Method):
         return multi_crop(cfg.local_crops_number, tuple(cfg.global_crops_scale), tuple(cfg.local_crops_scale))
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
-        student_out = multicrop_forward(self.backbone, views, self.head)
+        student = self.backbone if self.predictor is None else nn.Sequential(self.backbone, self.predictor)
+        student_out = multicrop_forward(student, views, self.head)
         with torch.no_grad():
             teacher_out = multicrop_forward(self.teacher_backbone, views[:2], self.teacher_head)
         teacher_temp = float(self.teacher_temps[min(step.iteration, len(self.teacher_temps) - 1)])
-        loss = dino_loss(student_out, teacher_out, self.center, self.config.student_temp, teacher_temp)
+        loss = LOSSES[self.config.loss](
+            student_out, teacher_out, self.center, self.config.student_temp, teacher_temp
+        )
+        logs = {"teacher_temp": teacher_temp, **self._collapse_logs(student_out, teacher_out, teacher_temp)}
         self.center.copy_(updated_center(self.center, teacher_out, self.config.center_momentum))
-        return StepOutput(loss, {"teacher_temp": teacher_temp})
+        return StepOutput(loss, logs, embeddings=torch.cat(student_out[:2]))
+
+    @torch.no_grad()
+    def _collapse_logs(
+        self, student_out: list[Tensor], teacher_out: list[Tensor], teacher_temp: float
+    ) -> dict:
+        """Teacher entropy and teacher-to-student KL on the same global views (DINO paper, Sec. 5.3)."""
+        teacher = torch.cat(
+            [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_out]
+        )
+        student = F.softmax(torch.cat(student_out[:2]).float() / self.config.student_temp, dim=-1)
+        return {"teacher_entropy": entropy(teacher), "teacher_student_kl": kl_divergence(teacher, student)}
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
@@ -71,4 +72,4 @@ class SimCLR(Method):
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
         z1, z2 = multicrop_forward(self.backbone, views, self.projector)
-        return StepOutput(nt_xent_loss(z1, z2, self.config.temperature))
+        return StepOutput(nt_xent_loss(z1, z2, self.config.temperature), embeddings=torch.cat([z1, z2]))

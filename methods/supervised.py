@@ -7,6 +7,7 @@ two augmented views is classified and the losses averaged.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,4 +40,4 @@ class Supervised(Method):
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
         logits = multicrop_forward(self.backbone, views, self.classifier)
         loss = sum(F.cross_entropy(out, labels) for out in logits) / len(logits)
-        return StepOutput(loss)
+        return StepOutput(loss, embeddings=torch.cat(logits))

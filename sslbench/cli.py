@@ -11,48 +11,51 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sslbench.backbones import ARCHS
-from sslbench.config import PRESETS, load_preset, load_yaml, parse_set, preset_text, resolve_config
+from sslbench.config import PRESETS, RunConfig, load_preset, load_yaml, parse_set, preset_text, resolve_config
 from sslbench.datasets import DATASET_CHOICES
 from sslbench.errors import SSLBenchError
 from sslbench.registry import list_methods, load_plugin_file
+
+if TYPE_CHECKING:
+    from sslbench.experiment import RunOutcome
 
 
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sslbench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
-    run.add_argument("--methods", type=_csv, help="comma-separated, e.g. dino,byol (default: the preset's)")
-    run.add_argument("--arch", dest="archs", type=_csv, help="comma-separated, e.g. resnet50,vit_s16")
-    run.add_argument("--dataset", help="embedded (default, offline), cifar10, or imagefolder:PATH")
-    run.add_argument("--data-root", help="where the dataset lives (a zip, an ImageFolder tree, ...)")
-    run.add_argument(
+def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = True) -> None:
+    """The options ``run`` and ``ablate`` share: what to train on, and any config key."""
+    if with_methods:
+        command.add_argument(
+            "--methods", type=_csv, help="comma-separated, e.g. dino,byol (default: the preset's)"
+        )
+    command.add_argument("--arch", dest="archs", type=_csv, help="comma-separated, e.g. resnet50,vit_s16")
+    command.add_argument("--dataset", help="embedded (default, offline), cifar10, or imagefolder:PATH")
+    command.add_argument("--data-root", help="where the dataset lives (a zip, an ImageFolder tree, ...)")
+    command.add_argument(
         "--download",
         action="store_true",
         default=None,
         help="let torchvision download CIFAR-10 (needs network)",
     )
-    run.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default: quick)")
-    run.add_argument("--config", help="a YAML file of config keys, applied over the preset")
-    run.add_argument(
+    command.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default: quick)")
+    command.add_argument("--config", help="a YAML file of config keys, applied over the preset")
+    command.add_argument(
         "--recipe",
         choices=["shared", "paper"],
         help="shared: one schedule for every method (fair, the default); paper: each method's "
         "published optimizer recipe",
     )
-    run.add_argument("--epochs", type=int)
-    run.add_argument("--batch-size", type=int)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    run.add_argument("--out", help="the run folder (default: results/<date>-<preset>)")
-    run.add_argument(
+    command.add_argument("--epochs", type=int)
+    command.add_argument("--batch-size", type=int)
+    command.add_argument("--seed", type=int)
+    command.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    command.add_argument("--out", help="the run folder (default: results/<date>-<preset>)")
+    command.add_argument(
         "--set",
         dest="assignments",
         action="append",
@@ -60,14 +63,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any config key, e.g. train.lr=1e-3 or dino.teacher_temp=0.07 (repeatable)",
     )
-    run.add_argument(
+    command.add_argument(
         "--plugin",
         action="append",
         default=[],
         metavar="FILE.py",
         help="load methods from a local file (repeatable)",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslbench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
+    _add_run_arguments(run)
+
+    ablate = commands.add_parser(
+        "ablate", help="train variants of one method under one schedule; ablation table"
+    )
+    ablate.add_argument("method", help="the method to ablate; dino has the DINO paper's table built in")
+    ablate.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values, one variant each (repeatable), e.g. dino.teacher_temp=0.04,0.07",
+    )
+    _add_run_arguments(ablate, with_methods=False)
+
+    attention = commands.add_parser("attention", help="class-token attention maps of a run's ViT pairs (PNG)")
+    attention.add_argument("run", help="a run folder, e.g. results/20260101-120000-quick")
+    attention.add_argument(
+        "--images", nargs="+", default=[], help="image files (default: the run's test split)"
+    )
+    attention.add_argument(
+        "--masks", nargs="+", default=[], help="object masks, one per image: Jaccard scores"
+    )
+    attention.add_argument("--out", help="where to write the PNGs (default: RUN/attention/)")
+    attention.add_argument(
+        "--mass", type=float, default=0.6, help="attention mass the mask keeps (default 0.6)"
+    )
 
     commands.add_parser("list", help="methods (and where each came from), archs, datasets, presets")
 
@@ -80,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     layer: dict[str, Any] = {}
     for key in ("methods", "archs", "dataset", "data_root", "download", "recipe", "seed", "device", "out"):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             layer[key] = getattr(args, key)
     train = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
     if train:
@@ -88,26 +125,55 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     return layer
 
 
-def command_run(args: argparse.Namespace) -> int:
-    from sslbench.experiment import run_benchmark
-
+def _resolve_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> RunConfig:
     for plugin in args.plugin:
         load_plugin_file(plugin)
     layers = [load_preset(args.preset), {"preset": args.preset}]
     if args.config:
         layers.append(load_yaml(args.config))
-    layers.append(_flag_layer(args))
+    layers.append(_flag_layer(args) | (extra or {}))
     layers += [parse_set(assignment) for assignment in args.assignments]
-    config = resolve_config(layers, list(list_methods()))
-    started = time.perf_counter()
-    outcome = run_benchmark(config, show_progress=not args.no_progress)
-    from sslbench.report import format_table_text
+    return resolve_config(layers, list(list_methods()))
 
-    print(format_table_text(outcome.results))
+
+def _finish(outcome: RunOutcome, text: str, started: float) -> int:
+    print(text)
     print(f"\nwrote {outcome.out_dir} in {time.perf_counter() - started:.0f} s")
     if outcome.failed:
         print(f"{len(outcome.failed)} pair(s) failed:\n  " + "\n  ".join(outcome.failed), file=sys.stderr)
         return 1
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from sslbench.experiment import run_benchmark
+    from sslbench.report import format_table_text
+
+    config = _resolve_run_config(args)
+    started = time.perf_counter()
+    outcome = run_benchmark(config, show_progress=not args.no_progress)
+    return _finish(outcome, format_table_text(outcome.results), started)
+
+
+def command_ablate(args: argparse.Namespace) -> int:
+    from sslbench.ablation import ablation_table, variants_for, write_ablation_table
+    from sslbench.experiment import run_benchmark
+
+    config = _resolve_run_config(args, {"methods": [args.method]})
+    variants = variants_for(args.method, config, args.vary)
+    started = time.perf_counter()
+    outcome = run_benchmark(config, show_progress=not args.no_progress, variants=variants)
+    table = ablation_table(outcome.results, variants)
+    return _finish(
+        outcome, write_ablation_table(table, outcome.results, outcome.out_dir, args.method), started
+    )
+
+
+def command_attention(args: argparse.Namespace) -> int:
+    from sslbench.attention import write_attention_report
+
+    written = write_attention_report(args.run, args.out, args.images, args.masks, args.mass)
+    print("wrote\n  " + "\n  ".join(str(path) for path in written))
     return 0
 
 
@@ -128,11 +194,15 @@ def command_list() -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from sslbench.plots import write_collapse_diagnostics, write_training_curves
     from sslbench.report import format_table_text, load_results, write_report
 
     results = load_results(args.runs)
     out_dir = Path(args.out) if args.out else Path(args.runs[0])
     write_report(results, out_dir)
+    if len(args.runs) == 1:  # training curves belong to one run; a merge has no single timeline
+        write_training_curves(args.runs[0], out_dir)
+        write_collapse_diagnostics(args.runs[0], out_dir)
     print(format_table_text(results))
     print(f"\nwrote {out_dir}")
     return 0
@@ -149,8 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
     try:
-        if args.command == "run":
-            return command_run(args)
+        commands = {"run": command_run, "ablate": command_ablate, "attention": command_attention}
+        if args.command in commands:
+            return commands[args.command](args)
         if args.command == "list":
             return command_list()
         return command_report(args)

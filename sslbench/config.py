@@ -61,7 +61,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     num_workers: int = 0  # data-loading processes; 0 loads in the training process
     train_per_class: int | None = None  # train on a balanced subset of this many images per class
-    log_every: int = 10  # iterations between metrics.jsonl lines
+    log_every: int = 10  # iterations between metrics.jsonl lines (with collapse diagnostics)
+    save_weights: bool = True  # backbone.pt of the evaluated network, for attention maps
 
 
 @dataclass
@@ -78,6 +79,10 @@ class EvalConfig:
     train_per_class: int | None = None  # feature bank: a balanced subset of the training split
     test_per_class: int | None = None
     batch_size: int = 256
+    # Online monitoring: a cheap k-NN of student and teacher on a fixed subset every N epochs (0: off).
+    monitor_every: int = 1
+    monitor_bank_per_class: int = 20
+    monitor_test_per_class: int = 10
 
 
 @dataclass

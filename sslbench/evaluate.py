@@ -335,3 +335,39 @@ def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, devi
         "bank_images": len(bank),
         "test_images": len(test),
     }
+
+
+class KnnMonitor:
+    """A cheap k-NN on a fixed balanced subset, to watch student and teacher learn during training.
+
+    The subsets and their loaders are built once; each call extracts features of every watched backbone
+    in eval mode and returns ``{"knn_student": ..., "knn_teacher": ...}`` (top-1 %, the headline k).
+    """
+
+    def __init__(self, data: DatasetSplits, config: RunConfig, device: torch.device, backbones: dict) -> None:
+        eval_cfg, seed = config.eval, config.seed
+        transform = build_eval_transform(data.image_size, data.mean, data.std)
+        per_class = {"bank": eval_cfg.monitor_bank_per_class, "test": eval_cfg.monitor_test_per_class}
+        splits = {"bank": data.train, "test": data.test}
+        self.loaders = {}
+        for split, source in splits.items():
+            subset = SubsetSource(source, subset_indices(source.labels, per_class[split], seed))
+            dataset = TransformDataset(subset, transform)
+            self.loaders[split] = make_loader(dataset, eval_cfg.batch_size, False, seed, 0, device, False)
+        self.backbones, self.device, self.num_classes = backbones, device, data.num_classes
+        self.k = eval_cfg.knn_headline_k
+        self.temperature = eval_cfg.knn_temperature
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        results = {}
+        for name, backbone in self.backbones.items():
+            backbone.eval()
+            bank, bank_labels = extract_features(backbone.forward_eval, self.loaders["bank"], self.device)
+            test, test_labels = extract_features(backbone.forward_eval, self.loaders["test"], self.device)
+            accuracy = knn_classify(
+                bank["knn"], bank_labels, test["knn"], test_labels, self.num_classes,
+                ks=[self.k], temperature=self.temperature, device=self.device,
+            )  # fmt: skip
+            results[f"knn_{name}"] = round(accuracy[self.k], 2)
+        return results

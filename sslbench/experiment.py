@@ -6,8 +6,10 @@ atomically, and the report is rebuilt from files alone.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +20,10 @@ import yaml
 
 from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
-from sslbench.config import RunConfig, build_dataclass, config_to_dict
+from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
 from sslbench.datasets import load_dataset
 from sslbench.errors import SSLBenchError
+from sslbench.plots import write_collapse_diagnostics, write_training_curves
 from sslbench.registry import get_method, list_methods
 from sslbench.report import load_results, write_report
 from sslbench.runner import plan_pair, train_and_evaluate
@@ -57,8 +60,22 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
 
 
-def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
-    """Validate everything up front (names, options, data), then train and evaluate each pair."""
+@dataclass(frozen=True)
+class Variant:
+    """An ablation: a name and config overrides (``{"dino": {...}, "train": {...}}``) on top of the run's."""
+
+    name: str
+    overrides: dict
+
+
+def run_benchmark(
+    config: RunConfig, show_progress: bool = True, variants: Sequence[Variant] = ()
+) -> RunOutcome:
+    """Validate everything up front (names, options, data), then train and evaluate each pair.
+
+    With ``variants``, every (method, arch) pair is run once per variant under the same schedule, each
+    in its own folder ``<method>@<variant>-<arch>``.
+    """
     methods = {name: get_method(name) for name in config.methods}
     for name, options in config.method_options.items():  # a typo in any method's section is caught early
         build_dataclass(get_method(name).Config, options, name)
@@ -66,8 +83,15 @@ def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
         arch_spec(arch)
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_root, config.image_size, config.download)
+    variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
+    if variants:
+        base = config_to_dict(config)
+        variant_configs = [
+            (v.name, resolve_config([base, v.overrides], list(list_methods()))) for v in variants
+        ]
     plans = [
-        plan_pair(cls, arch, config, device, data.image_size)
+        dataclasses.replace(plan_pair(cls, arch, variant_config, device, data.image_size), variant=variant)
+        for variant, variant_config in variant_configs
         for cls in methods.values()
         for arch in config.archs
     ]
@@ -85,9 +109,10 @@ def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
     failed: list[str] = []
     for plan in plans:
         name = plan.method_cls.name
-        pair_dir = out_dir / f"{name}-{plan.arch}"
+        pair_dir = out_dir / plan.folder_name
         pair_dir.mkdir(parents=True, exist_ok=True)
-        record = {"method": name, "arch": plan.arch, "method_source": sources.get(name, "unknown")}
+        record = {"method": name, "arch": plan.arch, "variant": plan.variant}
+        record["method_source"] = sources.get(name, "unknown")
         started = time.perf_counter()
         try:
             record |= train_and_evaluate(plan, config, data, pair_dir, show_progress)
@@ -103,10 +128,12 @@ def run_benchmark(config: RunConfig, show_progress: bool = True) -> RunOutcome:
                 "train": None,
                 "protocol": {"recipe": plan.recipe, "seed": config.seed},
             }
-            failed.append(f"{name}-{plan.arch}: {reason}")
+            failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         write_json_atomic(pair_dir / "eval.json", record)
 
     results = load_results([out_dir])
     write_report(results, out_dir)
+    write_training_curves(out_dir)
+    write_collapse_diagnostics(out_dir)
     return RunOutcome(out_dir, results, failed)

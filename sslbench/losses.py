@@ -43,6 +43,25 @@ def dino_loss(
     return total / pairs
 
 
+def dino_mse_loss(
+    student_out: list[Tensor],
+    teacher_out: list[Tensor],
+    center: Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> Tensor:
+    """DINO's ablation (Table 7, "MSE"): ``||P_t(x) - P_s(x')||^2`` in place of ``H``, over the same pairs."""
+    teacher_probs = [F.softmax((_fp32(t.detach()) - center) / teacher_temp, dim=-1) for t in teacher_out]
+    student_probs = [F.softmax(_fp32(s) / student_temp, dim=-1) for s in student_out]
+    terms = [
+        ((q - p) ** 2).sum(dim=-1).mean()
+        for t_idx, q in enumerate(teacher_probs)
+        for s_idx, p in enumerate(student_probs)
+        if s_idx != t_idx
+    ]
+    return torch.stack(terms).mean()
+
+
 @torch.no_grad()
 def updated_center(center: Tensor, teacher_out: list[Tensor], momentum: float) -> Tensor:
     """DINO's centering (Eq. 4): ``C <- m C + (1 - m) mean_batch(g_t(x))``, over every global crop."""

@@ -47,10 +47,12 @@ class TrainContext:
 
 @dataclass
 class StepOutput:
-    """The loss to minimise and the numbers worth logging (tensors are read only when logged)."""
+    """The loss to minimise, the numbers worth logging (tensors are read only when logged), and the
+    embeddings whose spread the collapse diagnostics watch (the projections the loss compares)."""
 
     loss: Tensor
     logs: dict[str, Tensor | float] = field(default_factory=dict)
+    embeddings: Tensor | None = None
 
 
 @dataclass
@@ -90,6 +92,13 @@ class Method(nn.Module):
 
     def eval_backbone(self) -> Backbone:
         return self.backbone
+
+    def momentum_backbone(self) -> Backbone | None:
+        """The EMA copy of the backbone, read from the declared momentum pairs (None without one)."""
+        for online, ema in self.momentum_pairs():
+            if online is self.backbone:
+                return ema
+        return None
 
     def after_backward(self, step: Step) -> None:
         """Hook between backward and the optimizer step (DINO freezes its last layer here)."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -26,10 +27,18 @@ MISSING = "–"
 FAILED = "failed"
 METRICS = ["linear", "k-NN"]
 BASE_COLUMNS = [
-    "run", "method", "arch", "status", "error", "method_source",
+    "run", "method", "variant", "arch", "status", "error", "method_source", "collapsed", "collapse_reasons",
     "knn_10", "knn_20", "knn_100", "knn_200",
     "linear_top1", "linear_best_lr", "train_wall_s", "train_images_per_s", "final_loss",
 ]  # fmt: skip
+# The collapse diagnostics of eval.json: results of training, not settings of the protocol.
+DIAGNOSTIC_COLUMNS = [
+    "embedding_std",
+    "embedding_std_healthy",
+    "effective_rank",
+    "teacher_entropy",
+    "teacher_student_kl",
+]
 # Shown first and always, because these are the knobs that most change the numbers.
 KEY_PROTOCOL = [
     "knn_k", "knn_temperature", "feature_source", "crops", "epochs", "batch_size", "precision", "dataset",
@@ -62,7 +71,10 @@ def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
         "arch": ev.get("arch") or fallback_arch,
         "status": ev.get("status") or "ok",
         "error": ev.get("error"),
+        "variant": ev.get("variant"),
         "method_source": ev.get("method_source"),
+        "collapsed": bool((ev.get("collapse") or {}).get("collapsed", False)),
+        "collapse_reasons": "; ".join((ev.get("collapse") or {}).get("reasons", [])),
         "linear_top1": _num(linear.get("top1")),
         "linear_best_lr": _num(linear.get("best_lr")),
         "train_wall_s": _num(train.get("wall_s")),
@@ -71,9 +83,23 @@ def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
     }
     for k in ("10", "20", "100", "200", *knn):
         row[f"knn_{k}"] = _num(knn.get(k))
+    for key, value in (ev.get("collapse") or {}).items():
+        if key not in ("collapsed", "reasons", "advice"):
+            row.setdefault(key, _num(value))
     for key, value in (ev.get("protocol") or {}).items():
         row.setdefault(key, value)
     return row
+
+
+def _collapsed(row: pd.Series) -> bool:
+    value = row.get("collapsed")
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+def row_label(row: pd.Series | dict[str, Any]) -> str:
+    """``dino``, or ``dino [no_centering]`` for an ablation variant."""
+    variant = row.get("variant")
+    return f"{row['method']} [{variant}]" if isinstance(variant, str) and variant else str(row["method"])
 
 
 def _pair_folders(run_path: Path) -> list[Path]:
@@ -113,7 +139,7 @@ def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
                 warnings.warn(f"skipping '{eval_path}': expected a JSON object", stacklevel=2)
                 continue
             row = _flatten(run_path.name, folder, ev)
-            key = (row["method"], row["arch"])
+            key = (row_label(row), row["arch"])
             if key in rows:
                 warnings.warn(
                     f"{key[0]}/{key[1]} from run '{rows[key]['run']}' is replaced by run '{row['run']}'",
@@ -129,7 +155,11 @@ def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 def _protocol_keys(df: pd.DataFrame) -> list[str]:
     """Protocol columns are whatever is not a result column (keeps working after a CSV round trip)."""
-    return [c for c in df.columns if c not in BASE_COLUMNS and not _KNN_COLUMN.match(str(c))]
+    return [
+        c
+        for c in df.columns
+        if c not in BASE_COLUMNS and c not in DIAGNOSTIC_COLUMNS and not _KNN_COLUMN.match(str(c))
+    ]
 
 
 def _headline_k(row: pd.Series) -> int:
@@ -164,7 +194,7 @@ def _cell(value: float) -> str:
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     """Methods x (arch, metric) of formatted top-1 %, laid out like Table 2 of the DINO paper."""
     labels = _arch_labels(df)
-    methods = list(df["method"].drop_duplicates())
+    methods = list(dict.fromkeys(row_label(row) for _, row in df.iterrows()))
     columns = pd.MultiIndex.from_product([list(labels.values()), METRICS], names=["arch", "metric"])
     table = pd.DataFrame(MISSING, index=pd.Index(methods, name="method"), columns=columns, dtype=object)
     for _, row in df.iterrows():
@@ -173,8 +203,10 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
             cells = [FAILED, FAILED]
         else:
             cells = [_cell(_num(row.get("linear_top1"))), _cell(_headline_knn(row))]
+            if _collapsed(row):
+                cells = [f"{cell} (collapsed)" for cell in cells]
         for metric, cell in zip(METRICS, cells, strict=True):
-            table.loc[row["method"], (label, metric)] = cell
+            table.loc[row_label(row), (label, metric)] = cell
     return table
 
 
@@ -200,9 +232,8 @@ def protocol_summary(df: pd.DataFrame) -> list[str]:
         if len(set(values)) == 1:
             lines.append(f"{key}: {values[0]}")
         else:
-            pairs = ", ".join(
-                f"{m}/{a}={v}" for m, a, v in zip(recorded["method"], recorded["arch"], values, strict=True)
-            )
+            labels = [f"{row_label(row)}/{row['arch']}" for _, row in recorded.iterrows()]
+            pairs = ", ".join(f"{label}={v}" for label, v in zip(labels, values, strict=True))
             lines.append(f"{key}: varies ({pairs})")
     return lines
 
@@ -232,6 +263,10 @@ def format_table_text(df: pd.DataFrame) -> str:
     failures = _failures(df)
     if failures:
         parts += ["", "Failed pairs:", *[f"- {line}" for line in failures]]
+    collapsed = [r for _, r in df.iterrows() if _collapsed(r)]
+    if collapsed:
+        parts += ["", "Collapsed pairs (embeddings or outputs no longer depend on the image):"]
+        parts += [f"- {row_label(r)}/{r['arch']}: {r['collapse_reasons']}" for r in collapsed]
     if len(failures) == len(df):
         parts += ["", "No pair finished successfully, so there is nothing to compare or plot."]
     return "\n".join(parts) + "\n"
@@ -266,7 +301,7 @@ def _plot_frame(df: pd.DataFrame) -> pd.DataFrame:
             continue
         for panel, value in (("k-NN", _headline_knn(row)), ("linear", _num(row.get("linear_top1")))):
             if not math.isnan(value):
-                records.append({"method": row["method"], "arch": labels[row["arch"]], "panel": panel,
+                records.append({"method": row_label(row), "arch": labels[row["arch"]], "panel": panel,
                                 "top1": value})  # fmt: skip
     return pd.DataFrame(records, columns=["method", "arch", "panel", "top1"])
 
@@ -280,7 +315,7 @@ def _write_plot(df: pd.DataFrame, path: Path) -> bool:
     data = _plot_frame(df)
     if data.empty:
         return False
-    methods = list(df["method"].drop_duplicates())
+    methods = list(dict.fromkeys(row_label(row) for _, row in df.iterrows()))
     archs = list(_arch_labels(df).values())
     ks = sorted({_headline_k(row) for _, row in df.iterrows()})
     temps = sorted({_fmt_value(t) for t in df["knn_temperature"]}) if "knn_temperature" in df else []

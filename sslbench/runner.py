@@ -13,6 +13,8 @@ import json
 import math
 import random
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sslbench.atomic_io import write_text_atomic
+from sslbench.atomic_io import atomic_path, write_text_atomic
 from sslbench.augment import SMALL_IMAGE_MAX, build_view_transform
 from sslbench.backbones import arch_spec, create_backbone, effective_patch_size
 from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
 from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, make_loader, subset_indices
+from sslbench.diagnostics import collapse_verdict, embedding_diagnostics
 from sslbench.errors import SSLBenchError
-from sslbench.evaluate import evaluate_method
-from sslbench.method import Method, Step, TrainContext
+from sslbench.evaluate import KnnMonitor, evaluate_method
+from sslbench.method import Method, Step, StepOutput, TrainContext
 from sslbench.momentum import ema_update
 from sslbench.optim import build_optimizer, parameter_groups
 from sslbench.schedules import cosine_schedule
@@ -46,6 +49,12 @@ class PairPlan:
     recipe: str
     method_options: Any
     device: torch.device
+    variant: str | None = None  # an ablation's name; the pair's folder is <method>@<variant>-<arch>
+
+    @property
+    def folder_name(self) -> str:
+        variant = f"@{self.variant}" if self.variant else ""
+        return f"{self.method_cls.name}{variant}-{self.arch}"
 
 
 def seed_everything(seed: int) -> None:
@@ -136,7 +145,22 @@ def train_and_evaluate(
         loader = make_loader(
             dataset, train_cfg.batch_size, True, config.seed, train_cfg.num_workers, device, drop_last=True
         )
-        train_summary = train_loop(method, loader, train_cfg, precision, device, pair_dir, show_progress)
+        watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
+        monitor = KnnMonitor(data, config, device, {k: v for k, v in watched.items() if v is not None})
+        train_summary = train_loop(
+            method,
+            loader,
+            train_cfg,
+            precision,
+            device,
+            pair_dir,
+            show_progress,
+            monitor,
+            config.eval.monitor_every,
+        )
+    if train_cfg.save_weights:  # the evaluated network, for attention maps and later evaluation
+        with atomic_path(pair_dir / "backbone.pt") as tmp:
+            torch.save(method.eval_backbone().state_dict(), tmp)
 
     metrics = evaluate_method(method, config, data, device)
     patch = effective_patch_size(plan.arch, image_size)
@@ -181,12 +205,31 @@ def train_and_evaluate(
     return {
         "status": "ok",
         "error": None,
+        "variant": plan.variant,
         "knn": metrics["knn"],
         "linear": metrics["linear"],
         "train": train_summary,
+        "collapse": collapse_check(method, pair_dir),
         "protocol": protocol,
         "method_options": method.resolved_options(),
     }
+
+
+def collapse_check(method: Method, pair_dir: Path) -> dict[str, Any] | None:
+    """The verdict on the last logged diagnostics; a collapse is also said in plain words on stderr."""
+    metrics_path = pair_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    train_records = [r for r in records if r.get("kind", "train") == "train"]
+    if not train_records:
+        return None
+    verdict = collapse_verdict(train_records[-1], method.resolved_options().get("out_dim"))
+    if verdict["collapsed"]:
+        warnings.warn(
+            f"{pair_dir.name} collapsed: {'; '.join(verdict['reasons'])}. {verdict['advice']}", stacklevel=2
+        )
+    return verdict
 
 
 def optimization_step(
@@ -199,10 +242,10 @@ def optimization_step(
     ema_momentum: float,
     autocast: contextlib.AbstractContextManager,
     last_finite_loss: float = math.nan,
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, StepOutput]:
     """Forward, loss, backward, clipping, the method's hook, optimizer step, EMA: the same for every method.
 
-    Returns the loss and the method's logs. Reading the loss is the one host synchronisation per step;
+    Returns the loss and the method's output. Reading the loss is the one host synchronisation per step;
     a non-finite loss stops the pair with advice before it corrupts the weights.
     """
     with autocast:
@@ -221,7 +264,7 @@ def optimization_step(
     method.after_backward(step)
     optimizer.step()
     ema_update(method.momentum_pairs(), ema_momentum)
-    return loss, {key: float(value) for key, value in output.logs.items()}
+    return loss, output
 
 
 def train_loop(
@@ -232,8 +275,15 @@ def train_loop(
     device: torch.device,
     pair_dir: Path,
     show_progress: bool,
+    monitor: Callable[[], dict[str, float]] | None = None,
+    monitor_every: int = 0,
 ) -> dict[str, Any]:
-    """Epochs of ``optimization_step`` on per-iteration schedules; metrics.jsonl survives a failure."""
+    """Epochs of ``optimization_step`` on per-iteration schedules; metrics.jsonl survives a failure.
+
+    Every ``log_every`` iterations a "train" record holds the schedules, the method's logs and the
+    collapse diagnostics of the step's embeddings; every ``monitor_every`` epochs (and before the first)
+    a "monitor" record holds ``monitor()``'s k-NN of the student and teacher.
+    """
     ipe, epochs = len(loader), train_cfg.epochs
     total = ipe * epochs
     scale = train_cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as every reference does
@@ -247,10 +297,20 @@ def train_loop(
     memory_format = memory_format_for(device, method.backbone.family)
 
     records: list[dict[str, Any]] = []
+
+    def save_records() -> None:
+        write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def watch(epoch: int) -> None:
+        if monitor is not None and monitor_every > 0 and (epoch % monitor_every == 0 or epoch == epochs):
+            records.append({"kind": "monitor", "epoch": epoch, **monitor()})
+            method.train()
+
     loss = math.nan
-    start = time.perf_counter()
     images_seen = 0
     method.train()
+    watch(0)
+    start = time.perf_counter()
     bar = tqdm(
         total=total,
         desc=f"{method.name}-{method.backbone.arch}",
@@ -268,33 +328,24 @@ def train_loop(
                 views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
                 labels = labels.to(device, non_blocking=True)
                 step = Step(it, epoch, ipe, total)
-                loss, logs = optimization_step(
-                    method,
-                    optimizer,
-                    views,
-                    labels,
-                    step,
-                    train_cfg.clip_grad,
-                    float(momentum_schedule[it]),
-                    autocast,
-                    loss,
+                momentum = float(momentum_schedule[it])
+                loss, output = optimization_step(
+                    method, optimizer, views, labels, step, train_cfg.clip_grad, momentum, autocast, loss
                 )
                 images_seen += labels.shape[0]
                 elapsed = time.perf_counter() - start
                 if it % train_cfg.log_every == 0 or it == total - 1:
-                    records.append(
-                        {
-                            "iteration": it,
-                            "epoch": epoch,
-                            "loss": loss,
-                            "lr": float(lr_schedule[it]),
-                            "weight_decay": float(wd_schedule[it]),
-                            "ema_momentum": float(momentum_schedule[it]),
-                            "images_per_s": images_seen / elapsed,
-                            "elapsed_s": elapsed,
-                            **logs,
-                        }
-                    )
+                    record = {"kind": "train", "iteration": it, "epoch": epoch, "loss": loss}
+                    record |= {"lr": float(lr_schedule[it]), "weight_decay": float(wd_schedule[it])}
+                    record |= {
+                        "ema_momentum": momentum,
+                        "images_per_s": images_seen / elapsed,
+                        "elapsed_s": elapsed,
+                    }
+                    record |= {key: float(value) for key, value in output.logs.items()}
+                    if output.embeddings is not None:
+                        record |= embedding_diagnostics(output.embeddings)
+                    records.append(record)
                 bar.set_postfix(
                     loss=f"{loss:.3f}",
                     lr=f"{lr_schedule[it]:.2e}",
@@ -302,11 +353,12 @@ def train_loop(
                     refresh=False,
                 )
                 bar.update(1)
-            write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            watch(epoch + 1)
+            save_records()
     finally:
         bar.close()
         if records:  # what led up to a failure is worth keeping
-            write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            save_records()
     wall = time.perf_counter() - start
     return {
         "epochs": epochs,

@@ -137,10 +137,20 @@ def test_tiny_run_records_results_and_protocol(tiny_run: tuple[Path, int, str, s
 
 def test_tiny_run_metrics_config_and_tables(tiny_run: tuple[Path, int, str, str]) -> None:
     out, _, stdout, _ = tiny_run
-    lines = (out / "dino-vit_tiny16" / "metrics.jsonl").read_text().splitlines()
-    first = json.loads(lines[0])
-    assert first["iteration"] == 0 and math.isfinite(first["loss"]) and "teacher_temp" in first
-    assert json.loads(lines[-1])["iteration"] == 1
+    metrics = (out / "dino-vit_tiny16" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in metrics]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[0]["iteration"] == 0 and math.isfinite(train[0]["loss"]) and "teacher_temp" in train[0]
+    assert train[-1]["iteration"] == 1
+    diagnostics = ("embedding_std", "embedding_std_healthy", "effective_rank", "teacher_entropy")
+    for key in (*diagnostics, "teacher_student_kl"):
+        assert math.isfinite(train[-1][key]), key
+    monitor = [r for r in records if r["kind"] == "monitor"]
+    assert [r["epoch"] for r in monitor] == [0, 1]  # before training and after the one epoch
+    assert all({"knn_student", "knn_teacher"} <= set(r) for r in monitor)
+    dino = json.loads((out / "dino-vit_tiny16" / "eval.json").read_text())
+    assert dino["collapse"]["collapsed"] in (True, False) and "embedding_std" in dino["collapse"]
+    assert (out / "dino-vit_tiny16" / "backbone.pt").is_file()
 
     written = load_yaml(out / "config.yaml")
     config = resolve_config([written], list(list_methods()))  # the record is itself a valid --config
