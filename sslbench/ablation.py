@@ -8,6 +8,7 @@ Any method's config key can be varied with ``--vary key=v1,v2``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,7 @@ from sslbench.atomic_io import atomic_path, write_text_atomic
 from sslbench.config import RunConfig, parse_set
 from sslbench.errors import SSLBenchError
 from sslbench.experiment import Variant
-from sslbench.report import protocol_summary
+from sslbench.report import headline_knn, protocol_summary
 
 
 def dino_variants(config: RunConfig) -> list[Variant]:
@@ -44,8 +45,12 @@ def vary_variants(assignments: list[str]) -> list[Variant]:
             raise SSLBenchError(
                 f"--vary expects key=v1,v2 (e.g. dino.teacher_temp=0.04,0.07), got '{assignment}'"
             )
-        for value in values.split(","):
+        for value in re.split(r",(?![^\[]*\])", values):  # commas inside [..] belong to a list value
+            if not value.strip():
+                raise SSLBenchError(f"--vary {assignment}: an empty value; give e.g. {key}=0.04,0.07")
             name = f"{key.rsplit('.', 1)[-1]}={value.strip()}"
+            if name in {v.name for v in variants}:
+                raise SSLBenchError(f"--vary {assignment}: the value {value.strip()} is given twice")
             variants.append(Variant(name, parse_set(f"{key}={value.strip()}")))
     return variants
 
@@ -69,7 +74,7 @@ def ablation_table(results: pd.DataFrame, variants: list[Variant]) -> pd.DataFra
     rows = []
     changes = {v.name: _describe(v.overrides) for v in variants}
     for _, row in results.iterrows():
-        knn = row.get(f"knn_{int(row.get('knn_k', 20))}")
+        knn = headline_knn(row)
         std, healthy = row.get("embedding_std"), row.get("embedding_std_healthy")
         rows.append(
             {

@@ -167,7 +167,8 @@ def _headline_k(row: pd.Series) -> int:
     return DEFAULT_KNN_K if math.isnan(k) else int(k)
 
 
-def _headline_knn(row: pd.Series) -> float:
+def headline_knn(row: pd.Series) -> float:
+    """Top-1 % of the k-NN at the headline k the pair recorded (NaN when it has none)."""
     return _num(row.get(f"knn_{_headline_k(row)}"))
 
 
@@ -202,7 +203,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
         if _failed(row):
             cells = [FAILED, FAILED]
         else:
-            cells = [_cell(_num(row.get("linear_top1"))), _cell(_headline_knn(row))]
+            cells = [_cell(_num(row.get("linear_top1"))), _cell(headline_knn(row))]
             if _collapsed(row):
                 cells = [f"{cell} (collapsed)" for cell in cells]
         for metric, cell in zip(METRICS, cells, strict=True):
@@ -299,7 +300,7 @@ def _plot_frame(df: pd.DataFrame) -> pd.DataFrame:
     for _, row in df.iterrows():
         if _failed(row):
             continue
-        for panel, value in (("k-NN", _headline_knn(row)), ("linear", _num(row.get("linear_top1")))):
+        for panel, value in (("k-NN", headline_knn(row)), ("linear", _num(row.get("linear_top1")))):
             if not math.isnan(value):
                 records.append({"method": row_label(row), "arch": labels[row["arch"]], "panel": panel,
                                 "top1": value})  # fmt: skip
