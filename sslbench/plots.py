@@ -176,10 +176,10 @@ def _finish(fig: Any, colors: dict[str, Any], extra: list[Any], title: str, path
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, label=label) for label, c in colors.items()] + extra
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=9)
     fig.suptitle(title)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI)
+        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
     return path
 
 
