@@ -29,6 +29,7 @@ from sslbench.registry import list_methods
 TINY = [
     "--epochs", "1", "--batch-size", "8", "--no-progress",
     "--set", "train.train_per_class=2", "--set", "eval.train_per_class=3", "--set", "eval.test_per_class=2",
+    "--set", "eval.monitor_bank_per_class=2", "--set", "eval.monitor_test_per_class=1",
     "--set", "eval.linear_epochs=2", "--set", "train.warmup_epochs=0",
     "--set", "dino.out_dim=64", "--set", "dino.hidden_dim=64", "--set", "dino.local_crops_number=1",
     "--set", "byol.proj_hidden_dim=64", "--set", "byol.pred_hidden_dim=64",

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "simsiam.py"
 TINY = [
     "--epochs", "1", "--batch-size", "8", "--no-progress", "--set", "train.train_per_class=2",
-    "--set", "eval.train_per_class=3", "--set", "eval.test_per_class=2", "--set", "eval.linear_epochs=2",
+    "--set", "eval.train_per_class=3", "--set", "eval.test_per_class=2",
+    "--set", "eval.monitor_bank_per_class=2", "--set", "eval.monitor_test_per_class=1",
+    "--set", "eval.linear_epochs=2",
 ]  # fmt: skip
 
 

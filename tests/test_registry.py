@@ -25,6 +25,7 @@ BUILT_INS = {
 TINY_RUN = [
     "--epochs", "1", "--batch-size", "8", "--no-progress",
     "--set", "train.train_per_class=2", "--set", "eval.train_per_class=3", "--set", "eval.test_per_class=2",
+    "--set", "eval.monitor_bank_per_class=2", "--set", "eval.monitor_test_per_class=1",
     "--set", "eval.linear_epochs=2", "--set", "train.warmup_epochs=0",
 ]  # fmt: skip
 
