@@ -15,6 +15,28 @@ def _fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _dino_pairs(
+    student_out: list[Tensor],
+    teacher_out: list[Tensor],
+    center: Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> list[tuple[Tensor, Tensor]]:
+    """``(P_t(x), log P_s(x'))`` for every teacher global view ``x`` and every other student view ``x'``.
+
+    The teacher side is centred, sharpened and carries no gradient. Computed in fp32 whatever the autocast
+    precision: a sharp softmax at T = 0.04 amplifies bf16 rounding.
+    """
+    teacher_probs = [F.softmax((_fp32(t.detach()) - center) / teacher_temp, dim=-1) for t in teacher_out]
+    student_logp = [F.log_softmax(_fp32(s) / student_temp, dim=-1) for s in student_out]
+    return [
+        (q, logp)
+        for t_idx, q in enumerate(teacher_probs)
+        for s_idx, logp in enumerate(student_logp)
+        if s_idx != t_idx  # same view for teacher and student: skipped
+    ]
+
+
 def dino_loss(
     student_out: list[Tensor],
     teacher_out: list[Tensor],
@@ -27,20 +49,10 @@ def dino_loss(
     ``P_t = softmax((g_t(x) - C) / tau_t)``, ``P_s = softmax(g_s(x') / tau_s)`` and the loss
     ``sum_{x in {x1_g, x2_g}} sum_{x' in V, x' != x} H(P_t(x), P_s(x'))`` averaged over the pairs,
     where ``H(a, b) = -a log b``. ``student_out`` holds one ``(B, K)`` tensor per crop, global crops
-    first; ``teacher_out`` one per global crop. The teacher side carries no gradient. Computed in fp32
-    whatever the autocast precision: a sharp softmax at T = 0.04 amplifies bf16 rounding.
+    first; ``teacher_out`` one per global crop.
     """
-    teacher_probs = [F.softmax((_fp32(t.detach()) - center) / teacher_temp, dim=-1) for t in teacher_out]
-    student_logp = [F.log_softmax(_fp32(s) / student_temp, dim=-1) for s in student_out]
-    total = student_out[0].new_zeros(())
-    pairs = 0
-    for t_idx, q in enumerate(teacher_probs):
-        for s_idx, logp in enumerate(student_logp):
-            if s_idx == t_idx:  # same view for teacher and student: skipped
-                continue
-            total = total + torch.sum(-q * logp, dim=-1).mean()
-            pairs += 1
-    return total / pairs
+    pairs = _dino_pairs(student_out, teacher_out, center, student_temp, teacher_temp)
+    return torch.stack([torch.sum(-q * logp, dim=-1).mean() for q, logp in pairs]).mean()
 
 
 def dino_mse_loss(
@@ -51,15 +63,8 @@ def dino_mse_loss(
     teacher_temp: float,
 ) -> Tensor:
     """DINO's ablation (Table 7, "MSE"): ``||P_t(x) - P_s(x')||^2`` in place of ``H``, over the same pairs."""
-    teacher_probs = [F.softmax((_fp32(t.detach()) - center) / teacher_temp, dim=-1) for t in teacher_out]
-    student_probs = [F.softmax(_fp32(s) / student_temp, dim=-1) for s in student_out]
-    terms = [
-        ((q - p) ** 2).sum(dim=-1).mean()
-        for t_idx, q in enumerate(teacher_probs)
-        for s_idx, p in enumerate(student_probs)
-        if s_idx != t_idx
-    ]
-    return torch.stack(terms).mean()
+    pairs = _dino_pairs(student_out, teacher_out, center, student_temp, teacher_temp)
+    return torch.stack([((q - logp.exp()) ** 2).sum(dim=-1).mean() for q, logp in pairs]).mean()
 
 
 @torch.no_grad()
