@@ -11,9 +11,10 @@ Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
 - Centering (Eq. 4): ``C <- m C + (1 - m) mean(g_t)`` with m = 0.9; sharpening by tau_t = 0.04
   (optionally warmed up from ``warmup_teacher_temp``) against tau_s = 0.1.
 - The last layer of the student head is frozen during the first epoch (reference recipe).
-- Ablations of the paper (Table 7) are options of this one method: ``center_momentum=1`` (no centering),
-  ``teacher_temp=student_temp`` (no sharpening), EMA momentum 0 (no momentum teacher), ``loss=mse``,
-  ``predictor=true``, ``local_crops_number=0`` (no multi-crop); see ``sslbench ablate``.
+- The paper's ablations are options of this one method: its collapse study (Sec. 5.3, Fig. 7)
+  ``center_momentum=1`` (no centering) and ``teacher_temp=student_temp`` (no sharpening), and Table 7's
+  EMA momentum 0 (no momentum teacher), ``loss=mse``, ``predictor=true`` and ``local_crops_number=0``
+  (no multi-crop); see ``sslbench ablate``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslbench import Backbone, Method, SSLBenchError, Step, StepOutput, TrainContext, register_method
 from sslbench.augment import ViewRecipe, multi_crop
 from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
-from sslbench.diagnostics import entropy, kl_divergence
+from sslbench.diagnostics import entropy
 from sslbench.heads import DINOHead, MLPHead
-from sslbench.losses import dino_loss, dino_mse_loss, updated_center
+from sslbench.losses import dino_loss, dino_mse_loss, dino_pairs, updated_center
 from sslbench.momentum import ema_copy
 from sslbench.schedules import linear_warmup_then_constant
 
@@ -52,7 +52,13 @@ class DINOConfig:
     center_momentum: float = 0.9
     freeze_last_layer_epochs: int = 1
     loss: str = "cross_entropy"  # or "mse": the paper's ablation (Table 7)
-    predictor: bool = False  # the paper's ablation: a BYOL-style predictor on the student only
+    predictor: bool = False  # the paper's ablation (Table 7): a BYOL-style predictor on the student only
+
+    def __post_init__(self) -> None:  # caught when the config is read, before anything trains
+        if self.loss not in LOSSES:
+            raise SSLBenchError(f"dino.loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.local_crops_number < 0:
+            raise SSLBenchError(f"dino.local_crops_number must be >= 0, got {self.local_crops_number}")
 
 
 @register_method("dino")
@@ -71,12 +77,10 @@ class DINO(Method):
             config.bottleneck_dim,
             norm_last_layer=config.norm_last_layer,
         )
-        if config.loss not in LOSSES:
-            raise SSLBenchError(f"dino.loss must be one of {', '.join(LOSSES)}, got '{config.loss}'")
-        # Student-only predictor (ablation) between backbone and head: the teacher path is unchanged.
-        self.predictor = (
-            MLPHead(backbone.feat_dim, config.hidden_dim, backbone.feat_dim) if config.predictor else None
-        )
+        # Student-only predictor (ablation) on the head's bottleneck, as BYOL's on its projection: the
+        # teacher path, and the inputs of every EMA-paired module, are unchanged.
+        bottleneck = config.bottleneck_dim
+        self.predictor = MLPHead(bottleneck, config.hidden_dim, bottleneck) if config.predictor else None
         self.teacher_backbone = ema_copy(backbone)
         self.teacher_head = ema_copy(self.head)
         self.register_buffer("center", torch.zeros(1, config.out_dim))
@@ -93,8 +97,7 @@ class DINO(Method):
         return multi_crop(cfg.local_crops_number, tuple(cfg.global_crops_scale), tuple(cfg.local_crops_scale))
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
-        student = self.backbone if self.predictor is None else nn.Sequential(self.backbone, self.predictor)
-        student_out = multicrop_forward(student, views, self.head)
+        student_out = multicrop_forward(self.backbone, views, lambda x: self.head(x, self.predictor))
         with torch.no_grad():
             teacher_out = multicrop_forward(self.teacher_backbone, views[:2], self.teacher_head)
         teacher_temp = float(self.teacher_temps[min(step.iteration, len(self.teacher_temps) - 1)])
@@ -108,13 +111,13 @@ class DINO(Method):
     @torch.no_grad()
     def _collapse_logs(
         self, student_out: list[Tensor], teacher_out: list[Tensor], teacher_temp: float
-    ) -> dict:
-        """Teacher entropy and teacher-to-student KL on the same global views (DINO paper, Sec. 5.3)."""
-        teacher = torch.cat(
-            [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_out]
-        )
-        student = F.softmax(torch.cat(student_out[:2]).float() / self.config.student_temp, dim=-1)
-        return {"teacher_entropy": entropy(teacher), "teacher_student_kl": kl_divergence(teacher, student)}
+    ) -> dict[str, Tensor]:
+        """Teacher entropy h(P_t) and KL(P_t || P_s) over the loss's own view pairs (DINO paper, Sec. 5.3):
+        for the cross-entropy loss, ``H(P_t, P_s) = h(P_t) + KL(P_t || P_s)``."""
+        pairs = dino_pairs(student_out, teacher_out, self.center, self.config.student_temp, teacher_temp)
+        entropies = torch.stack([entropy(q) for q, _ in pairs])
+        kls = torch.stack([(q * (q.clamp_min(1e-12).log() - logp)).sum(dim=-1).mean() for q, logp in pairs])
+        return {"teacher_entropy": entropies.mean(), "teacher_student_kl": kls.mean()}
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]

@@ -1,8 +1,9 @@
 """Ablations: one method trained in several variants under one schedule, and their table.
 
 Variants are config overrides of the one registered method, never copies of it. ``dino`` has the DINO
-paper's ablation table built in (Caron et al. 2021, Table 7 and Sec. 5.3): full DINO; no centering; no
-sharpening; no momentum teacher; MSE instead of cross-entropy; with a predictor; without multi-crop.
+paper's ablations built in (Caron et al. 2021): its collapse study (Sec. 5.3, Fig. 7: no centering, no
+sharpening) and Table 7's rows (no momentum teacher, MSE instead of cross-entropy, with a predictor,
+without multi-crop), beside full DINO.
 Any method's config key can be varied with ``--vary key=v1,v2``.
 """
 
@@ -14,15 +15,17 @@ from pathlib import Path
 import pandas as pd
 
 from sslbench.atomic_io import atomic_path, write_text_atomic
-from sslbench.config import RunConfig, parse_set
+from sslbench.config import RunConfig, build_dataclass, parse_set
 from sslbench.errors import SSLBenchError
 from sslbench.experiment import Variant
+from sslbench.registry import get_method
 from sslbench.report import headline_knn, protocol_summary
 
 
 def dino_variants(config: RunConfig) -> list[Variant]:
     """The DINO paper's ablations, each the smallest override that removes one ingredient."""
-    student_temp = config.method_options.get("dino", {}).get("student_temp", 0.1)
+    dino = get_method("dino")
+    student_temp = build_dataclass(dino.Config, config.method_options.get("dino", {}), "dino").student_temp
     return [
         Variant("full", {}),
         Variant("no_centering", {"dino": {"center_momentum": 1.0}}),  # the center stays at its initial 0
@@ -32,7 +35,8 @@ def dino_variants(config: RunConfig) -> list[Variant]:
         Variant("no_momentum_teacher", {"train": {"ema_momentum": 0.0, "ema_momentum_end": 0.0}}),
         Variant("mse_loss", {"dino": {"loss": "mse"}}),
         Variant("with_predictor", {"dino": {"predictor": True}}),
-        Variant("no_multicrop", {"dino": {"local_crops_number": 0}}),
+        # Without local crops the reference recommends wider global crops: scale (0.14, 1).
+        Variant("no_multicrop", {"dino": {"local_crops_number": 0, "global_crops_scale": [0.14, 1.0]}}),
     ]
 
 

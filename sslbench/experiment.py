@@ -60,6 +60,12 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
 
 
+# Keys a variant may not change: every variant of an ablation trains on the same data and pairs.
+FIXED_ACROSS_VARIANTS = frozenset(
+    {"dataset", "data_root", "image_size", "download", "methods", "archs", "out"}
+)
+
+
 @dataclass(frozen=True)
 class Variant:
     """An ablation: a name and config overrides (``{"dino": {...}, "train": {...}}``) on top of the run's."""
@@ -89,9 +95,19 @@ def run_benchmark(
         variant_configs = [
             (v.name, resolve_config([base, v.overrides], list(list_methods()))) for v in variants
         ]
+    for variant in variants:
+        fixed = sorted(set(variant.overrides) & FIXED_ACROSS_VARIANTS)
+        if fixed:
+            raise SSLBenchError(
+                f"variant '{variant.name}' changes {', '.join(fixed)}: variants of one ablation share the "
+                "data and the pairs; vary method options, train.* or eval.* keys, or seed"
+            )
     plans = [
-        dataclasses.replace(plan_pair(cls, arch, variant_config, device, data.image_size), variant=variant)
-        for variant, variant_config in variant_configs
+        (
+            dataclasses.replace(plan_pair(cls, arch, variant_config, device, data.image_size), variant=name),
+            variant_config,
+        )
+        for name, variant_config in variant_configs
         for cls in methods.values()
         for arch in config.archs
     ]
@@ -107,7 +123,7 @@ def run_benchmark(
     sources = list_methods()
 
     failed: list[str] = []
-    for plan in plans:
+    for plan, plan_config in plans:
         name = plan.method_cls.name
         pair_dir = out_dir / plan.folder_name
         pair_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +131,7 @@ def run_benchmark(
         record["method_source"] = sources.get(name, "unknown")
         started = time.perf_counter()
         try:
-            record |= train_and_evaluate(plan, config, data, pair_dir, show_progress)
+            record |= train_and_evaluate(plan, plan_config, data, pair_dir, show_progress)
         except Exception as error:  # one broken pair must not cost the others their results
             reason = str(error) if isinstance(error, SSLBenchError) else f"{type(error).__name__}: {error}"
             if not isinstance(error, SSLBenchError):
@@ -126,7 +142,7 @@ def run_benchmark(
                 "knn": None,
                 "linear": None,
                 "train": None,
-                "protocol": {"recipe": plan.recipe, "seed": config.seed},
+                "protocol": {"recipe": plan.recipe, "seed": plan_config.seed},
             }
             failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)

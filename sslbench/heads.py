@@ -67,6 +67,9 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             magnitude.requires_grad_(False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
+    def forward(self, x: Tensor, predictor: nn.Module | None = None) -> Tensor:
+        """``predictor`` (DINO's ablation, student only) acts on the bottleneck before normalisation."""
+        x = self.mlp(x)
+        if predictor is not None:
+            x = predictor(x)
+        return self.last_layer(F.normalize(x, dim=-1))

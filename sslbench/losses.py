@@ -15,7 +15,7 @@ def _fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _dino_pairs(
+def dino_pairs(
     student_out: list[Tensor],
     teacher_out: list[Tensor],
     center: Tensor,
@@ -51,7 +51,7 @@ def dino_loss(
     where ``H(a, b) = -a log b``. ``student_out`` holds one ``(B, K)`` tensor per crop, global crops
     first; ``teacher_out`` one per global crop.
     """
-    pairs = _dino_pairs(student_out, teacher_out, center, student_temp, teacher_temp)
+    pairs = dino_pairs(student_out, teacher_out, center, student_temp, teacher_temp)
     return torch.stack([torch.sum(-q * logp, dim=-1).mean() for q, logp in pairs]).mean()
 
 
@@ -63,7 +63,7 @@ def dino_mse_loss(
     teacher_temp: float,
 ) -> Tensor:
     """DINO's ablation (Table 7, "MSE"): ``||P_t(x) - P_s(x')||^2`` in place of ``H``, over the same pairs."""
-    pairs = _dino_pairs(student_out, teacher_out, center, student_temp, teacher_temp)
+    pairs = dino_pairs(student_out, teacher_out, center, student_temp, teacher_temp)
     return torch.stack([((q - logp.exp()) ** 2).sum(dim=-1).mean() for q, logp in pairs]).mean()
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import pandas as pd
 
 from sslbench.atomic_io import atomic_path
+from sslbench.diagnostics import COLLAPSE_STD_RATIO
 
 BASE_COLUMNS = ["pair", "label", "kind"]
-DEFAULT_COLLAPSE_STD_RATIO = 0.1  # Used only while sslbench.diagnostics cannot be imported.
 DIAGNOSTICS = ["embedding_std", "effective_rank", "teacher_entropy", "teacher_student_kl"]
 _DPI = 120
 _MAX_LISTED_BAD_LINES = 5
@@ -218,13 +218,7 @@ def write_training_curves(run_dir: str | Path, out_dir: str | Path | None = None
 
 def _collapse_threshold(threshold: float | None) -> float:
     """The documented threshold from sslbench.diagnostics, so plot and check never disagree."""
-    if threshold is not None:
-        return float(threshold)
-    try:
-        from sslbench.diagnostics import COLLAPSE_STD_RATIO
-    except ImportError:
-        return DEFAULT_COLLAPSE_STD_RATIO
-    return float(COLLAPSE_STD_RATIO)
+    return float(COLLAPSE_STD_RATIO if threshold is None else threshold)
 
 
 def write_collapse_diagnostics(

@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from sslbench.atomic_io import atomic_path, write_text_atomic
+from sslbench.diagnostics import DIAGNOSTIC_KEYS
 from sslbench.errors import SSLBenchError
 
 DEFAULT_KNN_K = 20
@@ -31,14 +32,6 @@ BASE_COLUMNS = [
     "knn_10", "knn_20", "knn_100", "knn_200",
     "linear_top1", "linear_best_lr", "train_wall_s", "train_images_per_s", "final_loss",
 ]  # fmt: skip
-# The collapse diagnostics of eval.json: results of training, not settings of the protocol.
-DIAGNOSTIC_COLUMNS = [
-    "embedding_std",
-    "embedding_std_healthy",
-    "effective_rank",
-    "teacher_entropy",
-    "teacher_student_kl",
-]
 # Shown first and always, because these are the knobs that most change the numbers.
 KEY_PROTOCOL = [
     "knn_k", "knn_temperature", "feature_source", "crops", "epochs", "batch_size", "precision", "dataset",
@@ -158,7 +151,7 @@ def _protocol_keys(df: pd.DataFrame) -> list[str]:
     return [
         c
         for c in df.columns
-        if c not in BASE_COLUMNS and c not in DIAGNOSTIC_COLUMNS and not _KNN_COLUMN.match(str(c))
+        if c not in BASE_COLUMNS and c not in DIAGNOSTIC_KEYS and not _KNN_COLUMN.match(str(c))
     ]
 
 

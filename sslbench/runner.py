@@ -209,25 +209,22 @@ def train_and_evaluate(
         "knn": metrics["knn"],
         "linear": metrics["linear"],
         "train": train_summary,
-        "collapse": collapse_check(method, pair_dir),
+        "collapse": collapse_check(method, train_summary.pop("last_record", None), pair_dir.name),
         "protocol": protocol,
         "method_options": method.resolved_options(),
     }
 
 
-def collapse_check(method: Method, pair_dir: Path) -> dict[str, Any] | None:
+def collapse_check(
+    method: Method, last_record: dict[str, Any] | None, pair_name: str
+) -> dict[str, Any] | None:
     """The verdict on the last logged diagnostics; a collapse is also said in plain words on stderr."""
-    metrics_path = pair_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
+    if last_record is None:
         return None
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
-    train_records = [r for r in records if r.get("kind", "train") == "train"]
-    if not train_records:
-        return None
-    verdict = collapse_verdict(train_records[-1], method.resolved_options().get("out_dim"))
+    verdict = collapse_verdict(last_record, method.resolved_options().get("out_dim"))
     if verdict["collapsed"]:
         warnings.warn(
-            f"{pair_dir.name} collapsed: {'; '.join(verdict['reasons'])}. {verdict['advice']}", stacklevel=2
+            f"{pair_name} collapsed: {'; '.join(verdict['reasons'])}. {verdict['advice']}", stacklevel=2
         )
     return verdict
 
@@ -301,10 +298,15 @@ def train_loop(
     def save_records() -> None:
         write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
+    aside = 0.0  # seconds spent monitoring and diagnosing: not training, so not in the throughput
+
     def watch(epoch: int) -> None:
+        nonlocal aside
         if monitor is not None and monitor_every > 0 and (epoch % monitor_every == 0 or epoch == epochs):
+            began = time.perf_counter()
             records.append({"kind": "monitor", "epoch": epoch, **monitor()})
             method.train()
+            aside += time.perf_counter() - began
 
     loss = math.nan
     images_seen = 0
@@ -333,8 +335,9 @@ def train_loop(
                     method, optimizer, views, labels, step, train_cfg.clip_grad, momentum, autocast, loss
                 )
                 images_seen += labels.shape[0]
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - aside
                 if it % train_cfg.log_every == 0 or it == total - 1:
+                    began = time.perf_counter()
                     record = {"kind": "train", "iteration": it, "epoch": epoch, "loss": loss}
                     record |= {"lr": float(lr_schedule[it]), "weight_decay": float(wd_schedule[it])}
                     record |= {
@@ -346,6 +349,7 @@ def train_loop(
                     if output.embeddings is not None:
                         record |= embedding_diagnostics(output.embeddings)
                     records.append(record)
+                    aside += time.perf_counter() - began
                 bar.set_postfix(
                     loss=f"{loss:.3f}",
                     lr=f"{lr_schedule[it]:.2e}",
@@ -359,11 +363,13 @@ def train_loop(
         bar.close()
         if records:  # what led up to a failure is worth keeping
             save_records()
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start - aside
     return {
         "epochs": epochs,
         "iterations": total,
         "wall_s": round(wall, 2),
+        "monitor_s": round(aside, 2),
         "images_per_s": round(images_seen / wall, 2),
         "final_loss": loss,
+        "last_record": next((r for r in reversed(records) if r["kind"] == "train"), None),
     }

@@ -42,7 +42,7 @@ CLAIMS: dict[str, dict[str, Any]] = {
     "no_momentum_teacher": {"train.ema_momentum": 0.0, "train.ema_momentum_end": 0.0},
     "mse_loss": {"dino.loss": "mse"},
     "with_predictor": {"dino.predictor": True},
-    "no_multicrop": {"dino.local_crops_number": 0},
+    "no_multicrop": {"dino.local_crops_number": 0, "dino.global_crops_scale": (0.14, 1.0)},
 }
 LOCAL_CROPS = 2
 BATCH = 4

@@ -230,3 +230,22 @@ def test_both_rules_report_together() -> None:
     assert verdict["collapsed"] is True
     prefixes = [reason.split(":")[0] for reason in verdict["reasons"]]
     assert prefixes == ["embeddings collapsed", "uniform collapse"]
+
+
+def test_dino_entropy_plus_kl_is_its_cross_entropy_loss() -> None:
+    """DINO Sec. 5.3 splits the loss as H(P_t, P_s) = h(P_t) + KL(P_t || P_s) over the loss's own pairs."""
+    from sslbench import Step, TrainContext, create_backbone, get_method
+
+    torch.manual_seed(0)
+    dino = get_method("dino")
+    config = dino.Config(out_dim=64, hidden_dim=64, bottleneck_dim=32, local_crops_number=2)
+    method = dino(create_backbone("resnet18", 32), config, TrainContext(1, 2, 10, 32)).eval()
+    views = [
+        torch.randn(4, 3, 32, 32),
+        torch.randn(4, 3, 32, 32),
+        torch.randn(4, 3, 16, 16),
+        torch.randn(4, 3, 16, 16),
+    ]
+    output = method.training_step(views, torch.zeros(4, dtype=torch.long), Step(0, 0, 2, 2))
+    split = output.logs["teacher_entropy"] + output.logs["teacher_student_kl"]
+    torch.testing.assert_close(split, output.loss.detach(), rtol=1e-5, atol=1e-5)

@@ -45,3 +45,12 @@ def test_cpu_device_resolves_and_a_missing_gpu_is_explained():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(SSLBenchError, match="unknown device"):
         resolve_device("tpu9")
+
+
+def test_a_variant_may_not_change_the_data_or_the_pairs(tmp_path):
+    from sslbench.experiment import Variant
+
+    config = RunConfig(methods=["random"], archs=["resnet18"], out=str(tmp_path / "run"))
+    with pytest.raises(SSLBenchError, match="variant 'other_data' changes dataset"):
+        run_benchmark(config, show_progress=False, variants=[Variant("other_data", {"dataset": "cifar10"})])
+    assert not (tmp_path / "run").exists()
