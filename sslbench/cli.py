@@ -1,4 +1,4 @@
-"""Command line: ``sslbench run | list | report``.
+"""Command line: ``sslbench run | ablate | attention | list | report``.
 
 A user-facing error (``SSLBenchError``) prints one message and exits with status 2, no traceback.
 """
