@@ -22,6 +22,7 @@ from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
 from sslbench.datasets import load_dataset
+from sslbench.environment import describe_environment
 from sslbench.errors import SSLBenchError
 from sslbench.plots import write_collapse_diagnostics, write_training_curves
 from sslbench.registry import get_method, list_methods
@@ -120,6 +121,7 @@ def run_benchmark(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_json_atomic(out_dir / "environment.json", describe_environment(device, config.seed))
     sources = list_methods()
 
     failed: list[str] = []

@@ -54,3 +54,16 @@ def test_a_variant_may_not_change_the_data_or_the_pairs(tmp_path):
     with pytest.raises(SSLBenchError, match="variant 'other_data' changes dataset"):
         run_benchmark(config, show_progress=False, variants=[Variant("other_data", {"dataset": "cifar10"})])
     assert not (tmp_path / "run").exists()
+
+
+def test_every_run_records_its_environment(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    config = RunConfig(methods=["random"], archs=["resnet18"], out=str(out), seed=3)
+    config.eval.train_per_class, config.eval.test_per_class, config.eval.linear_epochs = 2, 1, 1
+    run_benchmark(config, show_progress=False)
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["seed"] == 3 and environment["device"] == "cpu"
+    assert environment["packages"]["sslbench"] == "0.1.0" and environment["packages"]["torch"]
+    assert "git_commit" in environment and environment["python"]
