@@ -18,6 +18,7 @@ import pandas as pd
 
 from sslbench.atomic_io import atomic_path
 from sslbench.diagnostics import COLLAPSE_STD_RATIO
+from sslbench.report import row_label
 
 BASE_COLUMNS = ["pair", "label", "kind"]
 DIAGNOSTICS = ["embedding_std", "effective_rank", "teacher_entropy", "teacher_student_kl"]
@@ -26,25 +27,13 @@ _MAX_LISTED_BAD_LINES = 5
 
 
 def _pair_label(folder: Path) -> str:
-    """'method[@variant]/arch' from eval.json; the folder name stands in for a pair that died before one."""
-    name_method, _, arch = folder.name.rpartition("-")
-    if not name_method:
-        name_method, arch = folder.name, ""
-    method, _, variant = name_method.partition("@")
-    ev: Any = None
-    eval_path = folder / "eval.json"
-    if eval_path.is_file():
-        try:
-            ev = json.loads(eval_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            ev = None
-    if isinstance(ev, dict):
-        ev_method, _, ev_variant = str(ev.get("method") or method).partition("@")
-        method = ev_method
-        variant = ev.get("variant", ev_variant or variant)
-        arch = str(ev.get("arch") or arch)
-    label = f"{method}@{variant}" if variant else method
-    return f"{label}/{arch}" if arch else label
+    """The report's row label and the arch ('dino [no_centering]/vit_tiny16'), as in the tables and
+    summary.png; the folder name for a pair that died before writing eval.json."""
+    try:
+        ev = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+        return f"{row_label(ev)}/{ev['arch']}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return folder.name
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

@@ -79,7 +79,7 @@ def test_load_metrics_columns_labels_and_kinds(run_dir: Path) -> None:
     assert list(df.columns[:3]) == BASE_COLUMNS
     expected = {"loss", "lr", "knn_student", "knn_teacher", "teacher_entropy", "effective_rank"}
     assert expected <= set(df.columns)
-    assert set(df["label"]) == {"dino/vit_s16", "byol/resnet18", "dino@no_centering/vit_tiny16"}
+    assert set(df["label"]) == {"dino/vit_s16", "byol/resnet18", "dino [no_centering]/vit_tiny16"}
     assert set(df["kind"]) == {"train", "monitor"}
     byol = df[df["pair"] == "byol-resnet18"]
     assert (byol["kind"] == "monitor").sum() == 3
@@ -94,7 +94,7 @@ def test_load_metrics_label_falls_back_to_folder_name(tmp_path: Path) -> None:
     _write_pair(tmp_path, "simclr@no_proj-resnet18", None, [{"iteration": 0, "loss": 2.0}])
     _write_pair(tmp_path, "supervised-vit_tiny16", {"status": "ok"}, [{"iteration": 0, "loss": 2.0}])
     df = load_metrics(tmp_path)
-    assert set(df["label"]) == {"simclr@no_proj/resnet18", "supervised/vit_tiny16"}
+    assert set(df["label"]) == {"simclr@no_proj-resnet18", "supervised-vit_tiny16"}  # no usable eval.json
 
 
 def test_load_metrics_empty(tmp_path: Path) -> None:
