@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from sslbench.augment import build_eval_transform
 from sslbench.config import RunConfig
@@ -275,30 +276,35 @@ def linear_probe(
     return LinearProbeResult(top1=_accuracy(weight, bias, test_x, test_y), best_lr=best_lr, val_top1=val_top1)
 
 
+def eval_loaders(
+    data: DatasetSplits,
+    config: RunConfig,
+    device: torch.device,
+    per_class: dict[str, int | None],
+    workers: int,
+) -> dict[str, DataLoader]:
+    """Un-augmented loaders over balanced, seeded subsets of the train ("bank") and test splits."""
+    transform = build_eval_transform(data.image_size, data.mean, data.std)
+    loaders = {}
+    for split, source in (("bank", data.train), ("test", data.test)):
+        subset = SubsetSource(source, subset_indices(source.labels, per_class[split], config.seed))
+        dataset = TransformDataset(subset, transform)
+        loaders[split] = make_loader(
+            dataset, config.eval.batch_size, False, config.seed, workers, device, False
+        )
+    return loaders
+
+
 def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, device: torch.device) -> dict:
     """Extract frozen features once (no augmentation), then k-NN and the linear probe on them."""
     eval_cfg = config.eval
-    transform = build_eval_transform(data.image_size, data.mean, data.std)
-    bank, test = data.train, data.test
-    if eval_cfg.train_per_class is not None:
-        bank = SubsetSource(bank, subset_indices(bank.labels, eval_cfg.train_per_class, config.seed))
-    if eval_cfg.test_per_class is not None:
-        test = SubsetSource(test, subset_indices(test.labels, eval_cfg.test_per_class, config.seed))
+    per_class = {"bank": eval_cfg.train_per_class, "test": eval_cfg.test_per_class}
+    loaders = eval_loaders(data, config, device, per_class, config.train.num_workers)
     backbone = method.eval_backbone()
     method.eval()
-
-    features: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
-    for split, source in (("bank", bank), ("test", test)):
-        loader = make_loader(
-            TransformDataset(source, transform),
-            eval_cfg.batch_size,
-            False,
-            config.seed,
-            config.train.num_workers,
-            device,
-            drop_last=False,
-        )
-        features[split] = extract_features(backbone.forward_eval, loader, device)
+    features = {
+        split: extract_features(backbone.forward_eval, loader, device) for split, loader in loaders.items()
+    }
     (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
     knn = knn_classify(
         bank_feats["knn"],
@@ -332,8 +338,8 @@ def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, devi
     return {
         "knn": {str(k): round(v, 2) for k, v in knn.items()},
         "linear": linear,
-        "bank_images": len(bank),
-        "test_images": len(test),
+        "bank_images": len(loaders["bank"].dataset),
+        "test_images": len(loaders["test"].dataset),
     }
 
 
@@ -345,15 +351,9 @@ class KnnMonitor:
     """
 
     def __init__(self, data: DatasetSplits, config: RunConfig, device: torch.device, backbones: dict) -> None:
-        eval_cfg, seed = config.eval, config.seed
-        transform = build_eval_transform(data.image_size, data.mean, data.std)
+        eval_cfg = config.eval
         per_class = {"bank": eval_cfg.monitor_bank_per_class, "test": eval_cfg.monitor_test_per_class}
-        splits = {"bank": data.train, "test": data.test}
-        self.loaders = {}
-        for split, source in splits.items():
-            subset = SubsetSource(source, subset_indices(source.labels, per_class[split], seed))
-            dataset = TransformDataset(subset, transform)
-            self.loaders[split] = make_loader(dataset, eval_cfg.batch_size, False, seed, 0, device, False)
+        self.loaders = eval_loaders(data, config, device, per_class, workers=0)
         self.backbones, self.device, self.num_classes = backbones, device, data.num_classes
         self.k = eval_cfg.knn_headline_k
         self.temperature = eval_cfg.knn_temperature

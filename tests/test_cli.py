@@ -12,8 +12,6 @@ import json
 import math
 import re
 import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ import pandas as pd
 import pytest
 import torch
 
-from sslbench import registry
 from sslbench.cli import main
 from sslbench.config import load_yaml, resolve_config
 from sslbench.registry import list_methods
@@ -40,19 +37,6 @@ MODULES = {"dino": "dino", "byol": "byol", "simclr": "simclr", "supervised": "su
            "random": "random_init"}  # fmt: skip
 ARCHS = ["resnet18", "vit_tiny16"]
 REPORT_FILES = ["summary.csv", "table.md", "table.tex", "summary.png"]
-
-
-@pytest.fixture
-def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Methods a test loads with --plugin stay out of the registry the other tests see."""
-    list_methods()
-    monkeypatch.setattr(registry, "_methods", dict(registry._methods))
-    monkeypatch.setattr(registry, "_sources", dict(registry._sources))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith("sslbench_plugin_"):
-            del sys.modules[name]
 
 
 def _main(argv: list[str]) -> tuple[int, str, str]:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-import pytest
-
-from sslbench import registry
 from sslbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,15 +16,6 @@ TINY = [
     "--set", "eval.monitor_bank_per_class=2", "--set", "eval.monitor_test_per_class=1",
     "--set", "eval.linear_epochs=2",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def isolated_registry(monkeypatch: pytest.MonkeyPatch):
-    registry.list_methods()
-    monkeypatch.setattr(registry, "_methods", dict(registry._methods))
-    monkeypatch.setattr(registry, "_sources", dict(registry._sources))
-    yield
-    sys.modules.pop("sslbench_plugin_simsiam", None)
 
 
 def test_readme_shows_the_example_file_verbatim() -> None:

@@ -31,15 +31,6 @@ TINY_RUN = [
 
 
 @pytest.fixture
-def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built-ins discovered once, then a private copy of the registry so no test leaks a registration."""
-    list_methods()
-    monkeypatch.setattr(registry, "_methods", dict(registry._methods))
-    monkeypatch.setattr(registry, "_sources", dict(registry._sources))
-    monkeypatch.setattr(registry, "_discovered", True)
-
-
-@pytest.fixture
 def clean_modules():
     """Names of modules a test imports; they are dropped from sys.modules afterwards."""
     names: list[str] = []
@@ -143,14 +134,17 @@ def test_a_broken_plugin_is_reported_and_the_others_still_work(
     isolated_registry: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clean_modules: list[str]
 ) -> None:
     _write(tmp_path / "sslbench_test_broken_plugin.py", 'raise ImportError("needs libfoo")\n')
-    _write(tmp_path / "sslbench_test_good_plugin.py", """\
+    _write(
+        tmp_path / "sslbench_test_good_plugin.py",
+        """\
         from sslbench import Method, register_method
 
 
         @register_method("goodplugin")
         class Good(Method):
             pass
-        """)
+        """,
+    )
     clean_modules += ["sslbench_test_broken_plugin", "sslbench_test_good_plugin"]
     monkeypatch.syspath_prepend(str(tmp_path))
     points = [
@@ -171,13 +165,16 @@ def test_a_broken_plugin_is_reported_and_the_others_still_work(
 def test_an_entry_point_may_name_the_class_itself(
     isolated_registry: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clean_modules: list[str]
 ) -> None:
-    _write(tmp_path / "sslbench_test_class_plugin.py", """\
+    _write(
+        tmp_path / "sslbench_test_class_plugin.py",
+        """\
         from sslbench import Method
 
 
         class Undecorated(Method):
             pass
-        """)
+        """,
+    )
     clean_modules.append("sslbench_test_class_plugin")
     monkeypatch.syspath_prepend(str(tmp_path))
     point = EntryPoint("byclass", "sslbench_test_class_plugin:Undecorated", ENTRY_POINT_GROUP)
@@ -192,14 +189,17 @@ def test_an_entry_point_may_name_the_class_itself(
 
 
 def test_load_plugin_file_registers_and_reports_the_file(isolated_registry: None, tmp_path: Path) -> None:
-    plugin = _write(tmp_path / "localplug.py", """\
+    plugin = _write(
+        tmp_path / "localplug.py",
+        """\
         from sslbench import Method, register_method
 
 
         @register_method("localplug")
         class LocalPlug(Method):
             pass
-        """)
+        """,
+    )
     assert load_plugin_file(plugin) == ["localplug"]
     assert list_methods()["localplug"] == f"plugin file {plugin}"
     assert get_method("localplug").name == "localplug"
