@@ -6,6 +6,7 @@ A user-facing error (``SSLBenchError``) prints one message and exits with status
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -228,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SSLBenchError as error:
         print(f"sslbench: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that stopped early (``sslbench list | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
