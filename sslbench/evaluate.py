@@ -6,17 +6,21 @@ backbone; everything here works on cached ``(N, D)`` tensors kept on the CPU unl
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from sslbench.atomic_io import atomic_path
 from sslbench.augment import build_eval_transform
-from sslbench.config import RunConfig
+from sslbench.backbones import Backbone
+from sslbench.config import RunConfig, config_hash
 from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, make_loader, subset_indices
 from sslbench.errors import SSLBenchError
 from sslbench.method import Method
@@ -295,16 +299,60 @@ def eval_loaders(
     return loaders
 
 
-def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, device: torch.device) -> dict:
-    """Extract frozen features once (no augmentation), then k-NN and the linear probe on them."""
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of a network's weights and buffers: the key of the features it produces."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_features(
+    backbone: Backbone,
+    loaders: dict[str, DataLoader],
+    device: torch.device,
+    cache_dir: Path | None,
+    protocol: dict,
+) -> dict[str, tuple[dict[str, Tensor], Tensor]]:
+    """Each split's features, extracted once per set of weights and kept in ``cache_dir``.
+
+    The file name holds a hash of the weights and of what selects and transforms the images, so a
+    changed checkpoint or protocol never reads stale features; files load with ``weights_only=True``.
+    """
+    path = None
+    if cache_dir is not None:
+        key = config_hash({"weights": weights_digest(backbone), **protocol})
+        path = cache_dir / f"features-{key}.pt"
+        if path.exists():
+            stored = torch.load(path, weights_only=True)
+            return {split: (stored[split]["features"], stored[split]["labels"]) for split in loaders}
+    features = {
+        split: extract_features(backbone.forward_eval, loader, device) for split, loader in loaders.items()
+    }
+    if path is not None:
+        payload = {split: {"features": f, "labels": y} for split, (f, y) in features.items()}
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    return features
+
+
+def evaluate_method(
+    method: Method,
+    config: RunConfig,
+    data: DatasetSplits,
+    device: torch.device,
+    cache_dir: Path | None = None,
+) -> dict:
+    """Extract frozen features once (no augmentation; cached in ``cache_dir`` per set of weights), then
+    k-NN and the linear probe on them."""
     eval_cfg = config.eval
     per_class = {"bank": eval_cfg.train_per_class, "test": eval_cfg.test_per_class}
     loaders = eval_loaders(data, config, device, per_class, config.train.num_workers)
     backbone = method.eval_backbone()
     method.eval()
-    features = {
-        split: extract_features(backbone.forward_eval, loader, device) for split, loader in loaders.items()
-    }
+    protocol = {"dataset": data.name, "size": data.image_size, "per_class": per_class, "seed": config.seed}
+    features = cached_features(backbone, loaders, device, cache_dir, protocol)
     (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
     knn = knn_classify(
         bank_feats["knn"],
@@ -341,33 +389,3 @@ def evaluate_method(method: Method, config: RunConfig, data: DatasetSplits, devi
         "bank_images": len(loaders["bank"].dataset),
         "test_images": len(loaders["test"].dataset),
     }
-
-
-class KnnMonitor:
-    """A cheap k-NN on a fixed balanced subset, to watch student and teacher learn during training.
-
-    The subsets and their loaders are built once; each call extracts features of every watched backbone
-    in eval mode and returns ``{"knn_student": ..., "knn_teacher": ...}`` (top-1 %, the headline k).
-    """
-
-    def __init__(self, data: DatasetSplits, config: RunConfig, device: torch.device, backbones: dict) -> None:
-        eval_cfg = config.eval
-        per_class = {"bank": eval_cfg.monitor_bank_per_class, "test": eval_cfg.monitor_test_per_class}
-        self.loaders = eval_loaders(data, config, device, per_class, workers=0)
-        self.backbones, self.device, self.num_classes = backbones, device, data.num_classes
-        self.k = eval_cfg.knn_headline_k
-        self.temperature = eval_cfg.knn_temperature
-
-    @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
-        results = {}
-        for name, backbone in self.backbones.items():
-            backbone.eval()
-            bank, bank_labels = extract_features(backbone.forward_eval, self.loaders["bank"], self.device)
-            test, test_labels = extract_features(backbone.forward_eval, self.loaders["test"], self.device)
-            accuracy = knn_classify(
-                bank["knn"], bank_labels, test["knn"], test_labels, self.num_classes,
-                ks=[self.k], temperature=self.temperature, device=self.device,
-            )  # fmt: skip
-            results[f"knn_{name}"] = round(accuracy[self.k], 2)
-        return results
