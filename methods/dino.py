@@ -104,7 +104,9 @@ class DINO(Method):
         loss = LOSSES[self.config.loss](
             student_out, teacher_out, self.center, self.config.student_temp, teacher_temp
         )
-        logs = {"teacher_temp": teacher_temp, **self._collapse_logs(student_out, teacher_out, teacher_temp)}
+        logs: dict = {"teacher_temp": teacher_temp}
+        if step.diagnose:
+            logs |= self._collapse_logs(student_out, teacher_out, teacher_temp)
         self.center.copy_(updated_center(self.center, teacher_out, self.config.center_momentum))
         return StepOutput(loss, logs, embeddings=torch.cat(student_out[:2]))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sslbench.backbones import ARCHS
 from sslbench.config import PRESETS, RunConfig, load_preset, load_yaml, parse_set, preset_text, resolve_config
 from sslbench.datasets import DATASET_CHOICES
+from sslbench.distributed import shutdown_distributed
 from sslbench.errors import SSLBenchError
 from sslbench.registry import list_methods, load_plugin_file
 
@@ -55,6 +56,15 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
     command.add_argument("--batch-size", type=int)
     command.add_argument("--seed", type=int)
     command.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    command.add_argument(
+        "--augment-on",
+        choices=["cpu", "gpu"],
+        help="where the view recipes run: cpu (PIL, in loader workers; default) or gpu (the whole batch "
+        "on the training device)",
+    )
+    command.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the backbones (long GPU runs)"
+    )
     command.add_argument("--out", help="the run folder (default: results/<date>-<preset>)")
     command.add_argument(
         "--set",
@@ -120,7 +130,13 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("methods", "archs", "dataset", "data_root", "download", "recipe", "seed", "device", "out"):
         if getattr(args, key, None) is not None:
             layer[key] = getattr(args, key)
-    train = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
+    train_flags = (
+        ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("augment_on", args.augment_on),
+        ("compile", args.compile),
+    )
+    train = {key: value for key, value in train_flags if value is not None}
     if train:
         layer["train"] = train
     return layer
@@ -153,6 +169,8 @@ def command_run(args: argparse.Namespace) -> int:
     config = _resolve_run_config(args)
     started = time.perf_counter()
     outcome = run_benchmark(config, show_progress=not args.no_progress)
+    if not outcome.main:  # a helper rank of a distributed run: the main rank reports
+        return 0
     return _finish(outcome, format_table_text(outcome.results), started)
 
 
@@ -164,6 +182,8 @@ def command_ablate(args: argparse.Namespace) -> int:
     variants = variants_for(args.method, config, args.vary)
     started = time.perf_counter()
     outcome = run_benchmark(config, show_progress=not args.no_progress, variants=variants)
+    if not outcome.main:  # a helper rank of a distributed run: the main rank reports
+        return 0
     table = ablation_table(outcome.results, variants)
     return _finish(
         outcome, write_ablation_table(table, outcome.results, outcome.out_dir, args.method), started
@@ -222,7 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": command_run, "ablate": command_ablate, "attention": command_attention}
         if args.command in commands:
-            return commands[args.command](args)
+            try:
+                return commands[args.command](args)
+            finally:
+                shutdown_distributed()
         if args.command == "list":
             return command_list()
         return command_report(args)

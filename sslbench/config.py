@@ -63,6 +63,8 @@ class TrainConfig:
     train_per_class: int | None = None  # train on a balanced subset of this many images per class
     log_every: int = 10  # iterations between metrics.jsonl lines (with collapse diagnostics)
     save_weights: bool = True  # backbone.pt of the evaluated network, for attention maps
+    augment_on: str = "cpu"  # cpu: the PIL recipes in loader workers | gpu: the same recipes, batched
+    compile: bool = False  # torch.compile the backbones (worth it for long GPU runs)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class EvalConfig:
     monitor_every: int = 1
     monitor_bank_per_class: int = 20
     monitor_test_per_class: int = 10
+    cache_features: bool = True  # keep the frozen features beside the weights (features-<hash>.pt)
 
 
 @dataclass
@@ -276,6 +279,7 @@ def check_choices(config: RunConfig) -> None:
     choices = {
         "train.optimizer": (config.train.optimizer, OPTIMIZERS),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+        "train.augment_on": (config.train.augment_on, ("cpu", "gpu")),
         "recipe": (config.recipe, ("shared", "paper")),
     }
     for key, (value, valid) in choices.items():

@@ -22,6 +22,7 @@ from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
 from sslbench.datasets import load_dataset
+from sslbench.distributed import init_distributed, is_main, on_main
 from sslbench.environment import describe_environment
 from sslbench.errors import SSLBenchError
 from sslbench.plots import write_collapse_diagnostics, write_training_curves
@@ -35,6 +36,7 @@ class RunOutcome:
     out_dir: Path
     results: pd.DataFrame
     failed: list[str]
+    main: bool = True  # False on the helper ranks of a distributed run, which print nothing
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +61,20 @@ def resolve_device(name: str) -> torch.device:
 
 def default_out_dir(config: RunConfig) -> Path:
     return Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
+
+
+def prepare_out_dir(config: RunConfig, device: torch.device) -> Path:
+    """The run folder, refused if it already holds a run; the config and environment saved in it."""
+    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    if any(out_dir.glob("*/eval.json")):
+        raise SSLBenchError(
+            f"results folder {out_dir} already holds a run: give another --out, or remove it first "
+            "(a run's tables must hold only its own pairs)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_json_atomic(out_dir / "environment.json", describe_environment(device, config.seed))
+    return out_dir
 
 
 # Keys a variant may not change: every variant of an ablation trains on the same data and pairs.
@@ -88,7 +104,7 @@ def run_benchmark(
         build_dataclass(get_method(name).Config, options, name)
     for arch in config.archs:
         arch_spec(arch)
-    device = resolve_device(config.device)
+    device = init_distributed(resolve_device(config.device))  # this rank's device under torchrun
     data = load_dataset(config.dataset, config.data_root, config.image_size, config.download)
     variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
     if variants:
@@ -113,27 +129,23 @@ def run_benchmark(
         for arch in config.archs
     ]
 
-    out_dir = Path(config.out) if config.out else default_out_dir(config)
-    if any(out_dir.glob("*/eval.json")):
-        raise SSLBenchError(
-            f"results folder {out_dir} already holds a run: give another --out, or remove it first "
-            "(a run's tables must hold only its own pairs)"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    write_json_atomic(out_dir / "environment.json", describe_environment(device, config.seed))
+    out_dir = on_main(lambda: prepare_out_dir(config, device))  # every rank agrees on the folder
     sources = list_methods()
 
     failed: list[str] = []
     for plan, plan_config in plans:
         name = plan.method_cls.name
         pair_dir = out_dir / plan.folder_name
-        pair_dir.mkdir(parents=True, exist_ok=True)
+        if is_main():
+            pair_dir.mkdir(parents=True, exist_ok=True)
         record = {"method": name, "arch": plan.arch, "variant": plan.variant}
         record["method_source"] = sources.get(name, "unknown")
         started = time.perf_counter()
         try:
-            record |= train_and_evaluate(plan, plan_config, data, pair_dir, show_progress)
+            evaluated = train_and_evaluate(plan, plan_config, data, pair_dir, show_progress)
+            if evaluated is None:  # a helper rank of a distributed run: the main rank writes
+                continue
+            record |= evaluated
         except Exception as error:  # one broken pair must not cost the others their results
             reason = str(error) if isinstance(error, SSLBenchError) else f"{type(error).__name__}: {error}"
             if not isinstance(error, SSLBenchError):
@@ -150,6 +162,8 @@ def run_benchmark(
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         write_json_atomic(pair_dir / "eval.json", record)
 
+    if not is_main():
+        return RunOutcome(out_dir, pd.DataFrame(), failed, main=False)
     results = load_results([out_dir])
     write_report(results, out_dir)
     write_training_curves(out_dir)

@@ -1,6 +1,8 @@
 """The papers' loss functions as plain functions of tensors, each tested against the paper's pseudo-code.
 
-Methods call these; nothing here knows about backbones, views or the runner.
+Methods call these; nothing here knows about backbones, views or the runner. Where a paper computes a
+quantity over the whole batch (DINO's center, SimCLR's negatives), it is computed over every rank of a
+distributed run (``sslbench.distributed``); in one process those calls are the identity.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sslbench.distributed import all_reduce_mean, gather_with_grad, rank
 
 
 def _fp32(x: Tensor) -> Tensor:
@@ -69,8 +73,9 @@ def dino_mse_loss(
 
 @torch.no_grad()
 def updated_center(center: Tensor, teacher_out: list[Tensor], momentum: float) -> Tensor:
-    """DINO's centering (Eq. 4): ``C <- m C + (1 - m) mean_batch(g_t(x))``, over every global crop."""
-    batch_center = _fp32(torch.cat(teacher_out)).mean(dim=0, keepdim=True)
+    """DINO's centering (Eq. 4): ``C <- m C + (1 - m) mean_batch(g_t(x))``, over every global crop of
+    every rank."""
+    batch_center = all_reduce_mean(_fp32(torch.cat(teacher_out)).mean(dim=0, keepdim=True))
     return center * momentum + batch_center * (1.0 - momentum)
 
 
@@ -90,12 +95,21 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
 
     ``l(i, j) = -log exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau)`` with cosine
     ``sim``, averaged over all ``2N`` anchors; row ``i`` of ``z1`` and ``z2`` are the positive pair.
+    In a distributed run the anchors are this rank's and the candidates ``k`` are every rank's (the
+    paper's global batch); averaged over ranks by DDP this is the one-process loss.
     In fp32: dividing bf16 similarities by tau = 0.1 would magnify their rounding error tenfold.
     """
     n = z1.shape[0]
-    z = F.normalize(_fp32(torch.cat([z1, z2])), dim=-1)
-    with torch.autocast(z.device.type, enabled=False):  # autocast would run this matmul in bf16
-        logits = z @ z.t() / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    z1, z2 = F.normalize(_fp32(z1), dim=-1), F.normalize(_fp32(z2), dim=-1)
+    anchors = torch.cat([z1, z2])
+    all_z1, all_z2 = gather_with_grad(z1), gather_with_grad(z2)
+    candidates = torch.cat([all_z1, all_z2])
+    total, offset = all_z1.shape[0], rank() * n
+    with torch.autocast(anchors.device.type, enabled=False):  # autocast would run this matmul in bf16
+        logits = anchors @ candidates.t() / temperature
+    own = torch.arange(n, device=anchors.device) + offset  # where this rank's rows sit among the candidates
+    self_columns = torch.cat([own, own + total])
+    rows = torch.arange(2 * n, device=anchors.device)
+    logits = logits.index_put((rows, self_columns), logits.new_tensor(-torch.inf))
+    targets = torch.cat([own + total, own])
     return F.cross_entropy(logits, targets)

@@ -25,6 +25,8 @@ class Step:
     epoch: int
     iterations_per_epoch: int
     total_iterations: int
+    # True on the iterations the runner logs: only then are diagnostics worth their compute.
+    diagnose: bool = False
 
     @property
     def progress(self) -> float:
@@ -86,6 +88,10 @@ class Method(nn.Module):
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
         raise NotImplementedError
+
+    def forward(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
+        """Calling the method is its training step, so DistributedDataParallel can wrap it."""
+        return self.training_step(views, labels, step)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return []

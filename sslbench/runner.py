@@ -1,18 +1,15 @@
-"""The one training loop, and evaluation of what it trained, for one (method, arch) pair.
+"""One (method, arch) pair: its plan, its data, the shared training loop, and the evaluation of what it
+trained.
 
-Everything shared lives here, so every method gets it identically: optimizer and parameter groups,
-per-iteration lr / weight-decay / EMA-momentum schedules, precision, gradient clipping, EMA updates of
-declared teachers, metrics, and the frozen-feature evaluation.
+The loop itself (schedules, precision, clipping, EMA updates, the loss guard) lives in
+``sslbench.training``; this module builds what the loop needs for one pair and records the protocol
+beside the numbers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import math
 import random
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,22 +18,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from sslbench.atomic_io import atomic_path, write_text_atomic
+from sslbench.atomic_io import atomic_path
 from sslbench.augment import SMALL_IMAGE_MAX, build_view_transform
 from sslbench.backbones import arch_spec, create_backbone, effective_patch_size
 from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
-from sslbench.datasets import DatasetSplits, SubsetSource, TransformDataset, make_loader, subset_indices
-from sslbench.diagnostics import collapse_verdict, embedding_diagnostics
+from sslbench.datasets import DatasetSplits, ImageSource, SubsetSource, subset_indices
+from sslbench.diagnostics import collapse_verdict
+from sslbench.distributed import data_parallel, is_main, rank, sync_batch_norm, world_size
 from sslbench.errors import SSLBenchError
-from sslbench.evaluate import KnnMonitor, evaluate_method
-from sslbench.method import Method, Step, StepOutput, TrainContext
-from sslbench.momentum import ema_update
-from sslbench.optim import build_optimizer, parameter_groups
-from sslbench.schedules import cosine_schedule
+from sslbench.evaluate import evaluate_method
+from sslbench.method import Method, TrainContext
+from sslbench.monitor import KnnMonitor
+from sslbench.sampling import EpochSampler, SeededViews
+from sslbench.training import memory_format_for, precision_for, train_loop
 
 
 @dataclass(frozen=True)
@@ -90,29 +87,63 @@ def plan_pair(
     return PairPlan(method_cls, arch, train, recipe, options, device)
 
 
-def precision_for(train: TrainConfig, device: torch.device) -> str:
-    if train.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return train.precision
+def compile_backbones(method: Method) -> None:
+    """``torch.compile`` the backbones in place (student and EMA copy): their state_dict keys stay as
+    they are, and the heads and losses, small and cheap, stay eager."""
+    backbones = [method.backbone, method.momentum_backbone()]
+    for backbone in {id(b): b for b in backbones if b is not None}.values():
+        backbone.compile()
 
 
-def memory_format_for(device: torch.device, family: str) -> torch.memory_format:
-    """Channels-last convolutions are faster on CUDA tensor cores; the CPU keeps the default layout."""
-    return torch.channels_last if device.type == "cuda" and family == "resnet" else torch.contiguous_format
+def training_data(
+    method: Method,
+    source: ImageSource,
+    data: DatasetSplits,
+    train_cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+) -> tuple[DataLoader, Callable[[Any], list[Tensor]] | None]:
+    """The loader of this rank's share of each global batch, and how a batch becomes device views.
 
+    ``augment_on="cpu"``: the recipe's PIL transforms in the loader (workers), views moved to the
+    device. ``"gpu"``: the loader only decodes images onto a fixed canvas and the same recipe runs on
+    the whole batch on the device (``sslbench.gpu_augment``).
+    """
+    per_rank = train_cfg.batch_size // world_size()
+    recipe = method.view_recipe()
+    make_views = None
+    if train_cfg.augment_on == "gpu":
+        from sslbench.gpu_augment import BatchViewAugmenter, ImageCanvas, canvas_size_for
 
-def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
-    """DINO's clipping: each parameter's gradient is clipped to ``max_norm`` on its own."""
-    for param in params:
-        if param.grad is not None:
-            norm = param.grad.detach().norm(2)
-            param.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        augmenter = BatchViewAugmenter.from_recipe(recipe, data.image_size, data.mean, data.std).to(device)
+        transform: Callable[[Any], Any] = ImageCanvas(canvas_size_for(data.image_size))
+        generator = torch.Generator(device).manual_seed(seed * 1009 + rank())
+        memory_format = memory_format_for(device, method.backbone.family)
+
+        def make_views(batch: Any) -> list[Tensor]:
+            canvas, sizes = (t.to(device, non_blocking=True) for t in batch)
+            return [v.contiguous(memory_format=memory_format) for v in augmenter(canvas, sizes, generator)]
+    else:
+        transform = build_view_transform(recipe, data.image_size, data.mean, data.std)
+    loader = DataLoader(
+        SeededViews(source, transform, seed),
+        batch_size=per_rank,
+        sampler=EpochSampler(len(source), seed, per_rank, rank(), world_size()),
+        drop_last=True,
+        num_workers=train_cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=train_cfg.num_workers > 0,
+    )
+    return loader, make_views
 
 
 def train_and_evaluate(
     plan: PairPlan, config: RunConfig, data: DatasetSplits, pair_dir: Path, show_progress: bool = True
-) -> dict[str, Any]:
-    """Train one pair, evaluate it on frozen features, and return the eval.json record."""
+) -> dict[str, Any] | None:
+    """Train one pair, evaluate it on frozen features, and return the eval.json record.
+
+    In a distributed run every rank trains; only the main rank evaluates and returns the record.
+    """
     train_cfg, device = plan.train, plan.device
     image_size = data.image_size
     seed_everything(config.seed)
@@ -129,22 +160,26 @@ def train_and_evaluate(
             f"batch size {train_cfg.batch_size} is larger than the training set "
             f"({len(train_source)} images): lower --batch-size"
         )
+    if train_cfg.batch_size % world_size():
+        raise SSLBenchError(
+            f"batch size {train_cfg.batch_size} (the global batch) does not divide among {world_size()} "
+            "processes: use a multiple of the process count"
+        )
     context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
     method = plan.method_cls(backbone, plan.method_options, context)
+    method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
     method = method.to(device, memory_format=memory_format_for(device, backbone.family))
+    if train_cfg.compile:
+        compile_backbones(method)
     precision = precision_for(train_cfg, device)
     crops = "none (untrained)"
 
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
     if plan.method_cls.trainable:
-        recipe_views = method.view_recipe()
-        crops = recipe_views.describe(image_size)
-        dataset = TransformDataset(
-            train_source, build_view_transform(recipe_views, image_size, data.mean, data.std)
-        )
-        loader = make_loader(
-            dataset, train_cfg.batch_size, True, config.seed, train_cfg.num_workers, device, drop_last=True
-        )
+        crops = method.view_recipe().describe(image_size)
+        loader, make_views = training_data(method, train_source, data, train_cfg, config.seed, device)
+        if world_size() > 1:  # identical initial weights; each rank its own drop-path draws
+            torch.manual_seed(config.seed + rank())
         watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
         monitor = KnnMonitor(data, config, device, {k: v for k, v in watched.items() if v is not None})
         train_summary = train_loop(
@@ -157,12 +192,17 @@ def train_and_evaluate(
             show_progress,
             monitor,
             config.eval.monitor_every,
+            model=data_parallel(method, device),
+            make_views=make_views,
         )
+    if not is_main():
+        return None
     if train_cfg.save_weights:  # the evaluated network, for attention maps and later evaluation
         with atomic_path(pair_dir / "backbone.pt") as tmp:
             torch.save(method.eval_backbone().state_dict(), tmp)
 
-    metrics = evaluate_method(method, config, data, device)
+    cache_dir = pair_dir if config.eval.cache_features else None
+    metrics = evaluate_method(method, config, data, device, cache_dir)
     patch = effective_patch_size(plan.arch, image_size)
     protocol = {
         "dataset": data.name,
@@ -175,6 +215,9 @@ def train_and_evaluate(
         "crops": crops,
         "epochs": train_cfg.epochs if plan.method_cls.trainable else 0,
         "batch_size": train_cfg.batch_size,
+        "processes": world_size(),
+        "augment_on": train_cfg.augment_on if plan.method_cls.trainable else None,
+        "compile": train_cfg.compile,
         "optimizer": train_cfg.optimizer,
         "base_lr": train_cfg.lr,
         "recipe": plan.recipe,
@@ -227,149 +270,3 @@ def collapse_check(
             f"{pair_name} collapsed: {'; '.join(verdict['reasons'])}. {verdict['advice']}", stacklevel=2
         )
     return verdict
-
-
-def optimization_step(
-    method: Method,
-    optimizer: torch.optim.Optimizer,
-    views: list[torch.Tensor],
-    labels: torch.Tensor,
-    step: Step,
-    clip_grad: float,
-    ema_momentum: float,
-    autocast: contextlib.AbstractContextManager,
-    last_finite_loss: float = math.nan,
-) -> tuple[float, StepOutput]:
-    """Forward, loss, backward, clipping, the method's hook, optimizer step, EMA: the same for every method.
-
-    Returns the loss and the method's output. Reading the loss is the one host synchronisation per step;
-    a non-finite loss stops the pair with advice before it corrupts the weights.
-    """
-    with autocast:
-        output = method.training_step(views, labels, step)
-    loss = output.loss.item()
-    if not math.isfinite(loss):
-        raise SSLBenchError(
-            f"loss became {loss} at iteration {step.iteration} (epoch {step.epoch}); last finite loss "
-            f"{last_finite_loss:.4g}. Try a lower lr (--set train.lr=...), fp32 "
-            "(--set train.precision=fp32), or for DINO a higher teacher temperature."
-        )
-    optimizer.zero_grad(set_to_none=True)
-    output.loss.backward()
-    if clip_grad > 0:
-        clip_per_parameter([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
-    method.after_backward(step)
-    optimizer.step()
-    ema_update(method.momentum_pairs(), ema_momentum)
-    return loss, output
-
-
-def train_loop(
-    method: Method,
-    loader: DataLoader,
-    train_cfg: TrainConfig,
-    precision: str,
-    device: torch.device,
-    pair_dir: Path,
-    show_progress: bool,
-    monitor: Callable[[], dict[str, float]] | None = None,
-    monitor_every: int = 0,
-) -> dict[str, Any]:
-    """Epochs of ``optimization_step`` on per-iteration schedules; metrics.jsonl survives a failure.
-
-    Every ``log_every`` iterations a "train" record holds the schedules, the method's logs and the
-    collapse diagnostics of the step's embeddings; every ``monitor_every`` epochs (and before the first)
-    a "monitor" record holds ``monitor()``'s k-NN of the student and teacher.
-    """
-    ipe, epochs = len(loader), train_cfg.epochs
-    total = ipe * epochs
-    scale = train_cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as every reference does
-    lr_schedule = cosine_schedule(
-        train_cfg.lr * scale, train_cfg.min_lr, epochs, ipe, train_cfg.warmup_epochs
-    )
-    wd_schedule = cosine_schedule(train_cfg.weight_decay, train_cfg.weight_decay_end, epochs, ipe)
-    momentum_schedule = cosine_schedule(train_cfg.ema_momentum, train_cfg.ema_momentum_end, epochs, ipe)
-    optimizer = build_optimizer(train_cfg.optimizer, parameter_groups([method]), train_cfg.momentum)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    memory_format = memory_format_for(device, method.backbone.family)
-
-    records: list[dict[str, Any]] = []
-
-    def save_records() -> None:
-        write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-
-    aside = 0.0  # seconds spent monitoring and diagnosing: not training, so not in the throughput
-
-    def watch(epoch: int) -> None:
-        nonlocal aside
-        if monitor is not None and monitor_every > 0 and (epoch % monitor_every == 0 or epoch == epochs):
-            began = time.perf_counter()
-            records.append({"kind": "monitor", "epoch": epoch, **monitor()})
-            method.train()
-            aside += time.perf_counter() - began
-
-    loss = math.nan
-    images_seen = 0
-    method.train()
-    watch(0)
-    start = time.perf_counter()
-    bar = tqdm(
-        total=total,
-        desc=f"{method.name}-{method.backbone.arch}",
-        disable=not show_progress,
-        dynamic_ncols=True,
-    )
-    try:
-        for epoch in range(epochs):
-            for batch_index, (views, labels) in enumerate(loader):
-                it = epoch * ipe + batch_index
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lr_schedule[it])
-                    if group["regularized"]:
-                        group["weight_decay"] = float(wd_schedule[it])
-                views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-                labels = labels.to(device, non_blocking=True)
-                step = Step(it, epoch, ipe, total)
-                momentum = float(momentum_schedule[it])
-                loss, output = optimization_step(
-                    method, optimizer, views, labels, step, train_cfg.clip_grad, momentum, autocast, loss
-                )
-                images_seen += labels.shape[0]
-                elapsed = time.perf_counter() - start - aside
-                if it % train_cfg.log_every == 0 or it == total - 1:
-                    began = time.perf_counter()
-                    record = {"kind": "train", "iteration": it, "epoch": epoch, "loss": loss}
-                    record |= {"lr": float(lr_schedule[it]), "weight_decay": float(wd_schedule[it])}
-                    record |= {
-                        "ema_momentum": momentum,
-                        "images_per_s": images_seen / elapsed,
-                        "elapsed_s": elapsed,
-                    }
-                    record |= {key: float(value) for key, value in output.logs.items()}
-                    if output.embeddings is not None:
-                        record |= embedding_diagnostics(output.embeddings)
-                    records.append(record)
-                    aside += time.perf_counter() - began
-                bar.set_postfix(
-                    loss=f"{loss:.3f}",
-                    lr=f"{lr_schedule[it]:.2e}",
-                    img_s=f"{images_seen / elapsed:.1f}",
-                    refresh=False,
-                )
-                bar.update(1)
-            watch(epoch + 1)
-            save_records()
-    finally:
-        bar.close()
-        if records:  # what led up to a failure is worth keeping
-            save_records()
-    wall = time.perf_counter() - start - aside
-    return {
-        "epochs": epochs,
-        "iterations": total,
-        "wall_s": round(wall, 2),
-        "monitor_s": round(aside, 2),
-        "images_per_s": round(images_seen / wall, 2),
-        "final_loss": loss,
-        "last_record": next((r for r in reversed(records) if r["kind"] == "train"), None),
-    }

@@ -27,8 +27,9 @@ from sslbench.experiment import Variant
 from sslbench.losses import dino_loss, dino_mse_loss
 from sslbench.method import Method, Step, TrainContext
 from sslbench.optim import build_optimizer, parameter_groups
-from sslbench.runner import PairPlan, optimization_step, plan_pair
+from sslbench.runner import PairPlan, plan_pair
 from sslbench.schedules import cosine_schedule
+from sslbench.training import optimization_step
 
 CPU = torch.device("cpu")
 ARCH = "vit_tiny16"

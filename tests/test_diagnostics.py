@@ -246,6 +246,6 @@ def test_dino_entropy_plus_kl_is_its_cross_entropy_loss() -> None:
         torch.randn(4, 3, 16, 16),
         torch.randn(4, 3, 16, 16),
     ]
-    output = method.training_step(views, torch.zeros(4, dtype=torch.long), Step(0, 0, 2, 2))
+    output = method.training_step(views, torch.zeros(4, dtype=torch.long), Step(0, 0, 2, 2, diagnose=True))
     split = output.logs["teacher_entropy"] + output.logs["teacher_student_kl"]
     torch.testing.assert_close(split, output.loss.detach(), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sslbench.optim import LARS, build_optimizer, parameter_groups
-from sslbench.runner import clip_per_parameter
+from sslbench.training import clip_per_parameter
 
 F64 = torch.float64
 

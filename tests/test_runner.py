@@ -16,8 +16,9 @@ from sslbench.augment import ViewRecipe, build_view_transform, two_views
 from sslbench.config import RunConfig, TrainConfig
 from sslbench.datasets import ArraySource, TransformDataset
 from sslbench.registry import get_method, list_methods
-from sslbench.runner import plan_pair, train_loop
+from sslbench.runner import plan_pair
 from sslbench.schedules import cosine_schedule
+from sslbench.training import train_loop
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE = 32

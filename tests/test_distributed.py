@@ -1,0 +1,157 @@
+"""Distributed training: 2 ranks (gloo, CPU) take the same steps as 1 process with the same global batch.
+
+The end-to-end check launches ``torchrun --nproc_per_node=2 -m sslbench run`` and ``python -m sslbench
+run`` with one config and compares the saved weights, the logged losses and the k-NN numbers. It
+covers the pieces that make the ranks one batch: the sampler, per-sample augmentation seeds, DDP's
+gradient averaging, DINO's all-reduced center, SimCLR's negatives gathered with gradients, and
+BatchNorm statistics across ranks (BYOL's per-view BN included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sslbench.datasets import ArraySource
+from sslbench.distributed import CrossRankBatchNorm, gather_with_grad, on_main, sync_batch_norm
+from sslbench.sampling import EpochSampler, SeededViews, sample_seed
+
+PAIRS = ["dino-resnet18", "simclr-resnet18", "byol-resnet18"]
+RUN_ARGS = [
+    "run",
+    "--methods=dino,simclr,byol",
+    "--arch=resnet18",
+    "--epochs=1",
+    "--batch-size=8",
+    "--device=cpu",
+    "--no-progress",
+    "--set=train.train_per_class=3",  # 30 images: 3 steps of 8
+    "--set=train.log_every=1",
+    "--set=eval.monitor_every=0",
+    "--set=eval.linear=false",
+    "--set=eval.train_per_class=10",
+    "--set=eval.test_per_class=5",
+    "--set=dino.out_dim=64",
+    "--set=dino.hidden_dim=64",
+    "--set=dino.local_crops_number=2",
+    "--set=byol.proj_hidden_dim=64",
+    "--set=byol.pred_hidden_dim=64",
+]
+
+
+def _env() -> dict[str, str]:
+    return os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("distributed")
+    one, two = root / "one", root / "two"
+    single = [sys.executable, "-m", "sslbench", *RUN_ARGS, f"--out={one}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = [*launcher, "-m", "sslbench", *RUN_ARGS, f"--out={two}"]
+    for command in (single, double):
+        done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return one, two
+
+
+def test_two_ranks_match_one_process(runs):
+    one, two = runs
+    for pair in PAIRS:
+        single = torch.load(one / pair / "backbone.pt", weights_only=True)
+        double = torch.load(two / pair / "backbone.pt", weights_only=True)
+        assert single.keys() == double.keys()
+        for key, value in single.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(double[key], value, rtol=1e-4, atol=1e-4, msg=f"{pair} {key}")
+        losses = [
+            [json.loads(line)["loss"] for line in (run / pair / "metrics.jsonl").read_text().splitlines()]
+            for run in (one, two)
+        ]
+        assert len(losses[0]) == 3
+        assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+        evals = [json.loads((run / pair / "eval.json").read_text()) for run in (one, two)]
+        assert evals[1]["knn"] == evals[0]["knn"]
+        assert (evals[0]["protocol"]["processes"], evals[1]["protocol"]["processes"]) == (1, 2)
+
+
+def test_only_the_main_rank_writes(runs):
+    _, two = runs
+    assert sorted(p.name for p in two.iterdir() if p.is_dir()) == sorted(PAIRS)
+    assert (two / "table.md").exists() and (two / "summary.csv").exists()
+
+
+# --- the pieces, in one process ---------------------------------------------------------------------
+
+
+def test_epoch_sampler_deals_each_global_batch_to_the_ranks():
+    size, batch, world = 50, 4, 3
+    whole = list(EpochSampler(size, seed=7, batch_per_rank=batch * world))
+    shares = [list(EpochSampler(size, 7, batch, rank, world)) for rank in range(world)]
+    assert len(whole) == 48 and all(len(share) == 16 for share in shares)
+    for k in range(len(whole) // (batch * world)):
+        union = {index for share in shares for _, index in share[k * batch : (k + 1) * batch]}
+        assert union == {index for _, index in whole[k * batch * world : (k + 1) * batch * world]}
+
+
+def test_epoch_sampler_reshuffles_per_epoch_and_repeats_per_seed():
+    sampler = EpochSampler(20, seed=1, batch_per_rank=5)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert {e for e, _ in first} == {0} and {e for e, _ in second} == {1}
+    assert [i for _, i in first] != [i for _, i in second]
+    assert list(EpochSampler(20, seed=1, batch_per_rank=5)) == first
+
+
+def test_seeded_views_depend_on_seed_epoch_and_index_only():
+    images = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8).numpy()
+    source = ArraySource(images, [0, 1, 2, 3])
+    dataset = SeededViews(source, lambda image: torch.rand(3), seed=5)
+    before = torch.random.get_rng_state()
+    a = dataset[(0, 2)][0]
+    assert torch.equal(torch.random.get_rng_state(), before)  # training's own generator is untouched
+    torch.manual_seed(123)  # whatever the global state, the same (epoch, index) gives the same views
+    assert torch.equal(dataset[(0, 2)][0], a)
+    assert not torch.equal(dataset[(1, 2)][0], a) and not torch.equal(dataset[(0, 3)][0], a)
+    assert sample_seed(5, 0, 2) != sample_seed(5, 2, 0)
+
+
+def test_one_process_pieces_are_the_identity():
+    x = torch.randn(4, 3)
+    assert gather_with_grad(x) is x
+    assert on_main(lambda: 42) == 42
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    assert sync_batch_norm(model, torch.device("cpu")) is model
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 4, 4)])
+def test_cross_rank_batch_norm_formula_matches_batch_norm(monkeypatch, shape):
+    """Its own statistics path (taken when distributed), with a one-rank all-reduce: BatchNorm's
+    output, gradients and running statistics."""
+    import sslbench.distributed as distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist_fn, "all_reduce", lambda tensor: tensor)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
+    reference = nn.BatchNorm2d(3) if len(shape) == 4 else nn.BatchNorm1d(3)
+    nn.init.uniform_(reference.weight)
+    crossed = CrossRankBatchNorm(3)
+    crossed.load_state_dict(reference.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    y_ref = reference(x)
+    (grad_ref,) = torch.autograd.grad(y_ref.pow(2).sum(), x)
+    y = crossed(x)
+    (grad,) = torch.autograd.grad(y.pow(2).sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(crossed.running_mean, reference.running_mean)
+    torch.testing.assert_close(crossed.running_var, reference.running_var)

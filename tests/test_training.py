@@ -1,0 +1,126 @@
+"""The fast path of training, checked on the CPU: the deferred loss guard, the data pipeline for both
+augmentation paths, fused/multi-tensor optimizers, and torch.compile of the backbones."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sslbench import SSLBenchError, Step, TrainContext, create_backbone, get_method
+from sslbench.config import RunConfig, TrainConfig, resolve_config
+from sslbench.datasets import ArraySource, DatasetSplits
+from sslbench.optim import build_optimizer, parameter_groups
+from sslbench.runner import compile_backbones, training_data
+from sslbench.training import LossGuard
+
+CPU = torch.device("cpu")
+
+
+def _step(iteration: int) -> Step:
+    return Step(iteration, iteration // 4, 4, 12)
+
+
+def test_loss_guard_reads_pending_losses_once_and_names_the_first_bad_step():
+    guard = LossGuard()
+    for it, value in enumerate([2.0, 1.5]):
+        guard.add(_step(it), torch.tensor(value))
+    assert guard.check() == 1.5 and guard.pending == []
+    for it, value in zip(range(2, 6), [1.2, math.nan, math.inf, 1.0], strict=True):
+        guard.add(_step(it), torch.tensor(value))
+    with pytest.raises(SSLBenchError) as info:
+        guard.check()
+    message = str(info.value)
+    assert "loss became nan at iteration 3 (epoch 0)" in message and "last finite loss 1.2" in message
+    assert "lower lr" in message
+
+
+def test_loss_guard_with_nothing_pending_returns_the_last_value():
+    guard = LossGuard()
+    assert math.isnan(guard.check())
+    guard.add(_step(0), torch.tensor(0.5))
+    guard.check()
+    assert guard.check() == 0.5
+
+
+def _splits(size: int = 32, count: int = 40) -> DatasetSplits:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (count, size, size, 3), dtype=np.uint8)
+    source = ArraySource(images, np.arange(count) % 10)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    return DatasetSplits("synthetic", source, source, [str(i) for i in range(10)], size, mean, std, "test")
+
+
+@pytest.mark.parametrize("name", ["dino", "byol", "simclr"])
+def test_gpu_augmentation_path_gives_the_cpu_paths_views(name):
+    """Both paths hand the step the same number of views, of the same shapes and dtype."""
+    data = _splits()
+    method_cls = get_method(name)
+    method = method_cls(create_backbone("resnet18", 32), method_cls.Config(), TrainContext(1, 5, 10, 32))
+    shapes = {}
+    for where in ("cpu", "gpu"):
+        train_cfg = TrainConfig(batch_size=8, augment_on=where)
+        loader, make_views = training_data(method, data.train, data, train_cfg, seed=0, device=CPU)
+        assert len(loader) == 5
+        batch, labels = next(iter(loader))
+        views = make_views(batch) if make_views else batch
+        assert labels.shape == (8,)
+        shapes[where] = [(tuple(v.shape), v.dtype) for v in views]
+    assert shapes["gpu"] == shapes["cpu"]
+    assert len(shapes["cpu"]) == method.view_recipe().num_views
+
+
+def test_training_data_is_repeatable_and_independent_of_workers():
+    data = _splits()
+    method_cls = get_method("simclr")
+    method = method_cls(create_backbone("resnet18", 32), method_cls.Config(), TrainContext(1, 5, 10, 32))
+    batches = []
+    for workers in (0, 2, 0):
+        train_cfg = TrainConfig(batch_size=8, num_workers=workers)
+        loader, _ = training_data(method, data.train, data, train_cfg, seed=3, device=CPU)
+        batches.append(next(iter(loader)))
+    for views, labels in batches[1:]:
+        assert torch.equal(labels, batches[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(views, batches[0][0], strict=True))
+
+
+def test_augment_on_and_compile_are_config_keys_with_checked_values():
+    config = resolve_config([{"train": {"augment_on": "gpu", "compile": True}}], ["dino"])
+    assert config.train.augment_on == "gpu" and config.train.compile is True
+    with pytest.raises(SSLBenchError, match="train.augment_on.*did you mean 'gpu'"):
+        resolve_config([{"train": {"augment_on": "gpus"}}], ["dino"])
+
+
+def test_cuda_optimizers_are_fused_and_cpu_ones_are_not():
+    params = [torch.nn.Parameter(torch.randn(3, 3))]
+    for name in ("adamw", "sgd"):
+        cpu = build_optimizer(name, parameter_groups([torch.nn.Linear(2, 2)]), 0.9, CPU)
+        assert not cpu.defaults.get("fused")
+        cuda = build_optimizer(name, [{"params": params}], 0.9, torch.device("cuda"))
+        assert cuda.defaults["fused"] is True  # the kernel is chosen at construction, used at step
+
+
+def test_compiled_backbone_keeps_its_weights_names_and_outputs():
+    torch.manual_seed(0)
+    method_cls = get_method("dino")
+    options = dataclasses.replace(method_cls.Config(), out_dim=16, hidden_dim=16, local_crops_number=0)
+    method = method_cls(create_backbone("vit_tiny16", 32), options, TrainContext(1, 1, 10, 32))
+    keys = list(method.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    eager = method.backbone(x)
+    compile_backbones(method)
+    assert list(method.state_dict()) == keys  # checkpoints and backbone.pt are unchanged
+    torch.testing.assert_close(method.backbone(x), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_run_config_defaults_keep_the_reference_path():
+    train = RunConfig().train
+    assert (train.augment_on, train.compile) == ("cpu", False)
+
+
+def test_vits_use_fused_scaled_dot_product_attention():
+    backbone = create_backbone("vit_tiny16", 32)
+    assert all(block.attn.fused_attn for block in backbone.model.blocks)
