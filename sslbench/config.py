@@ -65,6 +65,10 @@ class TrainConfig:
     save_weights: bool = True  # backbone.pt of the evaluated network, for attention maps
     augment_on: str = "cpu"  # cpu: the PIL recipes in loader workers | gpu: the same recipes, batched
     compile: bool = False  # torch.compile the backbones (worth it for long GPU runs)
+    # Checkpoints (pair/checkpoints/) to resume from: at the end of every N epochs and every M minutes.
+    checkpoint_every_epochs: int = 1  # 0: only the time rule and the final one
+    checkpoint_every_minutes: float = 10.0  # 0: only the epoch rule and the final one
+    keep_checkpoints: int = 2  # the newest ones kept: an unreadable newest falls back to the previous
 
 
 @dataclass
