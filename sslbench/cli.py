@@ -82,6 +82,16 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
         help="load methods from a local file (repeatable)",
     )
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    restart = command.add_mutually_exclusive_group()
+    restart.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out where it stopped (same config): finished pairs are kept, the "
+        "others go on from their newest checkpoint",
+    )
+    restart.add_argument(
+        "--force", action="store_true", help="delete what the run in --out holds and start it over"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +163,13 @@ def _resolve_run_config(args: argparse.Namespace, extra: dict[str, Any] | None =
     return resolve_config(layers, list(list_methods()))
 
 
+def _restart(args: argparse.Namespace) -> str:
+    """What to do with a results folder that already holds a run: refuse, resume it, or start over."""
+    if (args.resume or args.force) and not args.out:
+        raise SSLBenchError(f"--{'resume' if args.resume else 'force'} needs the run folder: add --out PATH")
+    return "resume" if args.resume else "force" if args.force else "new"
+
+
 def _finish(outcome: RunOutcome, text: str, started: float) -> int:
     print(text)
     print(f"\nwrote {outcome.out_dir} in {time.perf_counter() - started:.0f} s")
@@ -168,7 +185,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     config = _resolve_run_config(args)
     started = time.perf_counter()
-    outcome = run_benchmark(config, show_progress=not args.no_progress)
+    outcome = run_benchmark(config, show_progress=not args.no_progress, restart=_restart(args))
     if not outcome.main:  # a helper rank of a distributed run: the main rank reports
         return 0
     return _finish(outcome, format_table_text(outcome.results), started)
@@ -181,7 +198,9 @@ def command_ablate(args: argparse.Namespace) -> int:
     config = _resolve_run_config(args, {"methods": [args.method]})
     variants = variants_for(args.method, config, args.vary)
     started = time.perf_counter()
-    outcome = run_benchmark(config, show_progress=not args.no_progress, variants=variants)
+    outcome = run_benchmark(
+        config, show_progress=not args.no_progress, variants=variants, restart=_restart(args)
+    )
     if not outcome.main:  # a helper rank of a distributed run: the main rank reports
         return 0
     table = ablation_table(outcome.results, variants)

@@ -82,6 +82,15 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return total / dist.get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any: a decision all ranks act on together."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_with_grad(tensor: Tensor) -> Tensor:
     """Every rank's ``tensor`` concatenated along dim 0, in rank order; the gradient of each slice
     returns to the rank that produced it (summed over the ranks that used it)."""

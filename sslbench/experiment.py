@@ -7,11 +7,11 @@ atomically, and the report is rebuilt from files alone.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -21,14 +21,15 @@ import yaml
 from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
-from sslbench.datasets import load_dataset
+from sslbench.datasets import DatasetSplits, load_dataset
 from sslbench.distributed import init_distributed, is_main, on_main
 from sslbench.environment import describe_environment
 from sslbench.errors import SSLBenchError
 from sslbench.plots import write_collapse_diagnostics, write_training_curves
 from sslbench.registry import get_method, list_methods
 from sslbench.report import load_results, write_report
-from sslbench.runner import plan_pair, train_and_evaluate
+from sslbench.run_folder import RunLock, check_reuse, default_run_dir
+from sslbench.runner import PairPlan, plan_pair, train_and_evaluate
 
 
 @dataclass
@@ -59,22 +60,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_out_dir(config: RunConfig) -> Path:
-    return Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
-
-
-def prepare_out_dir(config: RunConfig, device: torch.device) -> Path:
-    """The run folder, refused if it already holds a run; the config and environment saved in it."""
-    out_dir = Path(config.out) if config.out else default_out_dir(config)
-    if any(out_dir.glob("*/eval.json")):
-        raise SSLBenchError(
-            f"results folder {out_dir} already holds a run: give another --out, or remove it first "
-            "(a run's tables must hold only its own pairs)"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> Path:
+    """The run folder (a new unique one by default), checked for reuse, with the config and the
+    environment saved in it."""
+    if config.out:
+        out_dir = Path(config.out)
+        check_reuse(out_dir, config_to_dict(config), restart)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir = default_run_dir(config.preset)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    write_json_atomic(out_dir / "environment.json", describe_environment(device, config.seed))
+    environment = describe_environment(device, config.seed) | {"run_id": out_dir.name}
+    write_json_atomic(out_dir / "environment.json", environment)
     return out_dir
+
+
+def finished_record(pair_dir: Path) -> dict | None:
+    """A pair's eval.json if it finished ("ok"): a resumed run keeps it instead of training again."""
+    path = pair_dir / "eval.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") == "ok" else None
 
 
 # Keys a variant may not change: every variant of an ablation trains on the same data and pairs.
@@ -92,12 +100,17 @@ class Variant:
 
 
 def run_benchmark(
-    config: RunConfig, show_progress: bool = True, variants: Sequence[Variant] = ()
+    config: RunConfig,
+    show_progress: bool = True,
+    variants: Sequence[Variant] = (),
+    restart: str = "new",
 ) -> RunOutcome:
     """Validate everything up front (names, options, data), then train and evaluate each pair.
 
     With ``variants``, every (method, arch) pair is run once per variant under the same schedule, each
-    in its own folder ``<method>@<variant>-<arch>``.
+    in its own folder ``<method>@<variant>-<arch>``. ``restart`` says what to do with a folder that
+    holds a run: refuse ("new"), continue it ("resume": finished pairs are kept, the others continue
+    from their newest checkpoint) or start it over ("force").
     """
     methods = {name: get_method(name) for name in config.methods}
     for name, options in config.method_options.items():  # a typo in any method's section is caught early
@@ -129,7 +142,29 @@ def run_benchmark(
         for arch in config.archs
     ]
 
-    out_dir = on_main(lambda: prepare_out_dir(config, device))  # every rank agrees on the folder
+    lock: RunLock | None = None
+
+    def claim() -> Path:
+        nonlocal lock
+        folder = prepare_out_dir(config, device, restart)
+        lock = RunLock(folder).acquire()
+        return folder
+
+    out_dir = on_main(claim)  # every rank agrees on the folder; the main rank holds its lock
+    try:
+        return _run_pairs(plans, data, out_dir, show_progress, restart == "resume")
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_pairs(
+    plans: list[tuple[PairPlan, RunConfig]],
+    data: DatasetSplits,
+    out_dir: Path,
+    show_progress: bool,
+    resume: bool,
+) -> RunOutcome:
     sources = list_methods()
 
     failed: list[str] = []
@@ -138,15 +173,19 @@ def run_benchmark(
         pair_dir = out_dir / plan.folder_name
         if is_main():
             pair_dir.mkdir(parents=True, exist_ok=True)
+        if resume and on_main(lambda pair_dir=pair_dir: finished_record(pair_dir)) is not None:
+            continue  # finished before the interruption: its eval.json stands
         record = {"method": name, "arch": plan.arch, "variant": plan.variant}
         record["method_source"] = sources.get(name, "unknown")
         started = time.perf_counter()
         try:
-            evaluated = train_and_evaluate(plan, plan_config, data, pair_dir, show_progress)
+            evaluated = train_and_evaluate(plan, plan_config, data, pair_dir, show_progress, resume)
             if evaluated is None:  # a helper rank of a distributed run: the main rank writes
                 continue
             record |= evaluated
         except Exception as error:  # one broken pair must not cost the others their results
+            if not is_main():  # every rank failed alike (the loss guard agrees across ranks); one writes
+                continue
             reason = str(error) if isinstance(error, SSLBenchError) else f"{type(error).__name__}: {error}"
             if not isinstance(error, SSLBenchError):
                 write_text_atomic(pair_dir / "traceback.txt", traceback.format_exc())

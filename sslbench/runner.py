@@ -33,7 +33,7 @@ from sslbench.evaluate import evaluate_method
 from sslbench.method import Method, TrainContext
 from sslbench.monitor import KnnMonitor
 from sslbench.sampling import EpochSampler, SeededViews
-from sslbench.training import memory_format_for, precision_for, train_loop
+from sslbench.training import Checkpointing, memory_format_for, precision_for, train_loop
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,9 @@ def training_data(
     train_cfg: TrainConfig,
     seed: int,
     device: torch.device,
-) -> tuple[DataLoader, Callable[[Any], list[Tensor]] | None]:
-    """The loader of this rank's share of each global batch, and how a batch becomes device views.
+) -> tuple[DataLoader, Callable[[Any], list[Tensor]] | None, torch.Generator | None]:
+    """The loader of this rank's share of each global batch, how a batch becomes device views, and the
+    generator the GPU augmentation draws from (None on the CPU path; checkpoints save its state).
 
     ``augment_on="cpu"``: the recipe's PIL transforms in the loader (workers), views moved to the
     device. ``"gpu"``: the loader only decodes images onto a fixed canvas and the same recipe runs on
@@ -111,7 +112,7 @@ def training_data(
     """
     per_rank = train_cfg.batch_size // world_size()
     recipe = method.view_recipe()
-    make_views = None
+    make_views, generator = None, None
     if train_cfg.augment_on == "gpu":
         from sslbench.gpu_augment import BatchViewAugmenter, ImageCanvas, canvas_size_for
 
@@ -133,16 +134,25 @@ def training_data(
         num_workers=train_cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=train_cfg.num_workers > 0,
+        # Its own generator for the workers' base seed, so starting an epoch's iterator never draws
+        # from the global generator (a resumed run then draws exactly what an uninterrupted one does).
+        generator=torch.Generator().manual_seed(seed),
     )
-    return loader, make_views
+    return loader, make_views, generator
 
 
 def train_and_evaluate(
-    plan: PairPlan, config: RunConfig, data: DatasetSplits, pair_dir: Path, show_progress: bool = True
+    plan: PairPlan,
+    config: RunConfig,
+    data: DatasetSplits,
+    pair_dir: Path,
+    show_progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any] | None:
     """Train one pair, evaluate it on frozen features, and return the eval.json record.
 
-    In a distributed run every rank trains; only the main rank evaluates and returns the record.
+    With ``resume``, training continues from the pair's newest checkpoint (if any). In a distributed
+    run every rank trains; only the main rank evaluates and returns the record.
     """
     train_cfg, device = plan.train, plan.device
     image_size = data.image_size
@@ -173,11 +183,34 @@ def train_and_evaluate(
         compile_backbones(method)
     precision = precision_for(train_cfg, device)
     crops = "none (untrained)"
+    pair_hash = config_hash(  # what determines this pair's numbers; checkpoints carry it
+        {
+            "train": dataclasses.asdict(train_cfg),
+            "eval": dataclasses.asdict(config.eval),
+            "options": method.resolved_options(),
+            "method": plan.method_cls.name,
+            "arch": plan.arch,
+            "dataset": data.name,
+            "image_size": image_size,
+            "seed": config.seed,
+        }
+    )
 
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
     if plan.method_cls.trainable:
         crops = method.view_recipe().describe(image_size)
-        loader, make_views = training_data(method, train_source, data, train_cfg, config.seed, device)
+        loader, make_views, generator = training_data(
+            method, train_source, data, train_cfg, config.seed, device
+        )
+        checkpointing = Checkpointing(
+            pair_dir,
+            pair_hash,
+            train_cfg.checkpoint_every_epochs,
+            train_cfg.checkpoint_every_minutes,
+            train_cfg.keep_checkpoints,
+            resume,
+            generator,
+        )
         if world_size() > 1:  # identical initial weights; each rank its own drop-path draws
             torch.manual_seed(config.seed + rank())
         watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
@@ -194,6 +227,7 @@ def train_and_evaluate(
             config.eval.monitor_every,
             model=data_parallel(method, device),
             make_views=make_views,
+            checkpointing=checkpointing,
         )
     if not is_main():
         return None
@@ -233,18 +267,7 @@ def train_and_evaluate(
             f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"
         ),
     }
-    protocol["config_hash"] = config_hash(
-        {
-            "train": dataclasses.asdict(train_cfg),
-            "eval": dataclasses.asdict(config.eval),
-            "options": method.resolved_options(),
-            "method": plan.method_cls.name,
-            "arch": plan.arch,
-            "dataset": data.name,
-            "image_size": image_size,
-            "seed": config.seed,
-        }
-    )
+    protocol["config_hash"] = pair_hash
     return {
         "status": "ok",
         "error": None,

@@ -32,13 +32,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world = rank, world
         self.usable = (size // (batch_per_rank * world)) * batch_per_rank * world
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch whose order to draw; ``skip``: this rank's first images of it already trained on
+        (a resume mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.usable // self.world
+        return self.usable // self.world - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -46,7 +48,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
-        for index in order[: self.usable][self.rank :: self.world].tolist():
+        for index in order[: self.usable][self.rank :: self.world][self.skip :].tolist():
             yield self.epoch, index
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sslbench.atomic_io import write_text_atomic
+from sslbench.checkpoint import load_latest_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sslbench.config import TrainConfig
 from sslbench.diagnostics import embedding_diagnostics
-from sslbench.distributed import all_reduce_mean, is_main, world_size
+from sslbench.distributed import all_reduce_mean, any_rank, is_main, world_size
 from sslbench.errors import SSLBenchError
 from sslbench.method import Method, Step, StepOutput
 from sslbench.momentum import ema_update
@@ -121,11 +123,16 @@ class LossGuard:
         return self.last_finite
 
 
-def _set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Samplers that draw a new order per epoch (``EpochSampler``, DistributedSampler) need the epoch."""
-    for sampler in (loader.sampler, getattr(loader, "batch_sampler", None)):
-        if hasattr(sampler, "set_epoch"):
+def _set_epoch(loader: DataLoader, epoch: int, first_batch: int) -> None:
+    """The sampler draws each epoch's order from the epoch, and on a resume starts mid-epoch."""
+    sampler = loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        if first_batch:
+            sampler.set_epoch(epoch, skip=first_batch * (loader.batch_size or 1))
+        else:
             sampler.set_epoch(epoch)
+    elif first_batch:
+        raise ValueError("resuming mid-epoch needs a sampler with set_epoch(epoch, skip=...)")
 
 
 def _to_device(device: torch.device, memory_format: torch.memory_format) -> Callable[[Any], list[Tensor]]:
@@ -133,6 +140,24 @@ def _to_device(device: torch.device, memory_format: torch.memory_format) -> Call
         return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
 
     return move
+
+
+@dataclass
+class Checkpointing:
+    """Where and when a pair's checkpoints go, and whether to continue from the newest one."""
+
+    pair_dir: Path
+    config_hash: str
+    every_epochs: int = 1
+    every_minutes: float = 10.0
+    keep: int = 2
+    resume: bool = False
+    augment_generator: torch.Generator | None = None
+
+    def time_is_up(self, since: float) -> bool:
+        """Decided on the main rank and shared, so every rank saves (and synchronises) together."""
+        due = self.every_minutes > 0 and time.perf_counter() - since >= self.every_minutes * 60
+        return any_rank(due)
 
 
 def train_loop(
@@ -147,6 +172,7 @@ def train_loop(
     monitor_every: int = 0,
     model: nn.Module | None = None,
     make_views: Callable[[Any], list[Tensor]] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> dict[str, Any]:
     """Epochs of ``optimization_step`` on per-iteration schedules; metrics.jsonl survives a failure.
 
@@ -154,6 +180,7 @@ def train_loop(
     collapse diagnostics of the step's embeddings; every ``monitor_every`` epochs (and before the first)
     a "monitor" record holds ``monitor()``'s k-NN of the student and teacher. ``make_views`` turns a
     loaded batch into device views (default: move them; the GPU augmentation path augments there).
+    With ``checkpointing``, checkpoints are saved as it says, and a resume continues from the newest.
     """
     ipe, epochs = len(loader), train_cfg.epochs
     total = ipe * epochs
@@ -170,12 +197,23 @@ def train_loop(
     writes = is_main()  # in a distributed run only the main rank writes and monitors
 
     records: list[dict[str, Any]] = []
+    # Seconds before a resume (wall_before, monitor_before) and in this session (aside: not training).
+    start_iteration, images_seen, wall_before, monitor_before, aside = 0, 0, 0.0, 0.0, 0.0
+    resumed = None
+    if checkpointing is not None and checkpointing.resume:
+        resumed = load_latest_checkpoint(checkpointing.pair_dir, checkpointing.config_hash)
+    if resumed is not None:
+        method.load_state_dict(resumed["method"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        records = list(resumed["records"])
+        guard.last_finite = resumed["last_finite_loss"]
+        start_iteration, images_seen = resumed["iteration"], resumed["images_seen"]
+        wall_before, monitor_before = resumed["wall_s"], resumed["monitor_s"]
+        restore_rng_state(resumed["rng"], checkpointing.augment_generator)
 
     def save_records() -> None:
         if writes:
             write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-
-    aside = 0.0  # seconds spent monitoring and diagnosing: not training, so not in the throughput
 
     def watch(epoch: int) -> None:
         nonlocal aside
@@ -186,21 +224,48 @@ def train_loop(
             method.train()
             aside += time.perf_counter() - began
 
-    loss = math.nan
-    images_seen = 0
+    last_checkpoint = time.perf_counter()
+
+    def save(completed: int) -> None:
+        """A checkpoint after ``completed`` iterations, with the losses checked first."""
+        nonlocal last_checkpoint, aside
+        assert checkpointing is not None
+        began = time.perf_counter()
+        last_finite = guard.check()
+        if writes:
+            payload = {
+                "iteration": completed,
+                "config_hash": checkpointing.config_hash,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "records": records,
+                "last_finite_loss": last_finite,
+                "images_seen": images_seen,
+                "wall_s": began - start - aside + wall_before,
+                "monitor_s": aside + monitor_before,
+                "rng": rng_state(checkpointing.augment_generator),
+            }
+            save_checkpoint(checkpointing.pair_dir, payload, checkpointing.keep)
+        last_checkpoint = time.perf_counter()
+        aside += last_checkpoint - began
+
+    loss = guard.last_finite
     method.train()
-    watch(0)
     start = time.perf_counter()
+    if start_iteration == 0:
+        watch(0)
     bar = tqdm(
         total=total,
+        initial=start_iteration,
         desc=f"{method.name}-{method.backbone.arch}",
         disable=not (show_progress and writes),
         dynamic_ncols=True,
     )
     try:
-        for epoch in range(epochs):
-            _set_epoch(loader, epoch)
-            for batch_index, (batch, labels) in enumerate(loader):
+        for epoch in range(start_iteration // ipe, epochs):
+            first_batch = start_iteration - epoch * ipe if epoch == start_iteration // ipe else 0
+            _set_epoch(loader, epoch, first_batch)
+            for batch_index, (batch, labels) in enumerate(loader, start=first_batch):
                 it = epoch * ipe + batch_index
                 logged = it % train_cfg.log_every == 0 or it == total - 1
                 for group in optimizer.param_groups:
@@ -219,7 +284,7 @@ def train_loop(
                 if logged:
                     loss = guard.check()
                     began = time.perf_counter()
-                    elapsed = began - start - aside
+                    elapsed = began - start - aside + wall_before
                     record = {"kind": "train", "iteration": it, "epoch": epoch, "loss": loss}
                     record |= {"lr": float(lr_schedule[it]), "weight_decay": float(wd_schedule[it])}
                     record |= {
@@ -233,21 +298,30 @@ def train_loop(
                     records.append(record)
                     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_seen / elapsed:.1f}", refresh=False)
                     aside += time.perf_counter() - began
+                    mid_epoch = batch_index < ipe - 1
+                    if checkpointing is not None and mid_epoch and checkpointing.time_is_up(last_checkpoint):
+                        save(it + 1)
                 bar.update(1)
             loss = guard.check()
             watch(epoch + 1)
             save_records()
+            if checkpointing is not None:
+                every = checkpointing.every_epochs
+                epoch_due = epoch == epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+                if epoch_due or checkpointing.time_is_up(last_checkpoint):
+                    save((epoch + 1) * ipe)
     finally:
         bar.close()
         if records:  # what led up to a failure is worth keeping
             save_records()
-    wall = time.perf_counter() - start - aside
+    wall = time.perf_counter() - start - aside + wall_before
     return {
         "epochs": epochs,
         "iterations": total,
+        "resumed_at": start_iteration or None,
         "wall_s": round(wall, 2),
-        "monitor_s": round(aside, 2),
-        "images_per_s": round(images_seen / wall, 2),
+        "monitor_s": round(aside + monitor_before, 2),
+        "images_per_s": round(images_seen / wall, 2) if wall > 0 else None,
         "final_loss": loss,
         "last_record": next((r for r in reversed(records) if r["kind"] == "train"), None),
     }

@@ -63,7 +63,7 @@ def test_gpu_augmentation_path_gives_the_cpu_paths_views(name):
     shapes = {}
     for where in ("cpu", "gpu"):
         train_cfg = TrainConfig(batch_size=8, augment_on=where)
-        loader, make_views = training_data(method, data.train, data, train_cfg, seed=0, device=CPU)
+        loader, make_views, _ = training_data(method, data.train, data, train_cfg, seed=0, device=CPU)
         assert len(loader) == 5
         batch, labels = next(iter(loader))
         views = make_views(batch) if make_views else batch
@@ -80,7 +80,7 @@ def test_training_data_is_repeatable_and_independent_of_workers():
     batches = []
     for workers in (0, 2, 0):
         train_cfg = TrainConfig(batch_size=8, num_workers=workers)
-        loader, _ = training_data(method, data.train, data, train_cfg, seed=3, device=CPU)
+        loader, _, _ = training_data(method, data.train, data, train_cfg, seed=3, device=CPU)
         batches.append(next(iter(loader)))
     for views, labels in batches[1:]:
         assert torch.equal(labels, batches[0][1])
