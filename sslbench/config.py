@@ -100,6 +100,7 @@ class RunConfig:
     data_root: str | None = None
     download: bool = False
     image_size: int | None = None  # None: the dataset's own (32 for CIFAR, 224 for image folders)
+    bad_images: str = "error"  # an unreadable image file: error (naming it) | skip (checked at load, counted)
     preset: str = "quick"
     recipe: str = "shared"  # shared: one schedule for all; paper: each method's published recipe
     seed: int = 0
@@ -188,14 +189,36 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise SSLBenchError(f"config file not found: {file}")
     try:
-        data = _parse_yaml(file.read_text(encoding="utf-8")) or {}
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        message = f"cannot read config file {file} ({error}): give a readable UTF-8 YAML file"
+        raise SSLBenchError(message) from error
+    try:
+        data = _parse_yaml(text) or {}
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{file}, line {mark.line + 1}" if mark is not None else str(file)
-        raise SSLBenchError(f"YAML syntax error in {where}: {getattr(error, 'problem', error)}") from error
+        raise SSLBenchError(yaml_error_message(file, text, error)) from error
     if not isinstance(data, dict):
         raise SSLBenchError(f"config file {file} must hold a mapping of keys to values")
     return data
+
+
+def yaml_error_message(file: Path, text: str, error: yaml.YAMLError) -> str:
+    """``YAML syntax error in F, line L: PROBLEM at column C ('the line') (CONTEXT); what to check``."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    advice = "check the indentation (spaces, not tabs), quotes and brackets there"
+    if mark is None:
+        return f"YAML syntax error in {file}: {problem}; {advice}"
+    lines = text.splitlines()
+    shown = f" ({lines[mark.line].rstrip()!r})" if mark.line < len(lines) and lines[mark.line].strip() else ""
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    started = ""
+    if context and context_mark is not None and context_mark.line != mark.line:
+        started = f" ({context} from line {context_mark.line + 1})"
+    return (
+        f"YAML syntax error in {file}, line {mark.line + 1}: {problem} at column {mark.column + 1}"
+        f"{shown}{started}; {advice}"
+    )
 
 
 def preset_text(name: str) -> str:
@@ -285,6 +308,7 @@ def check_choices(config: RunConfig) -> None:
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
         "train.augment_on": (config.train.augment_on, ("cpu", "gpu")),
         "recipe": (config.recipe, ("shared", "paper")),
+        "bad_images": (config.bad_images, ("error", "skip")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,11 +23,19 @@ import torch.utils.data
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sslbench.augment import rgb_image
 from sslbench.errors import SSLBenchError, unknown_name_message
+from sslbench.image_files import (
+    IMAGE_EXTENSIONS,
+    SKIP_HINT,
+    BadImageError,
+    FileSource,
+    check_policy,
+    drop_unreadable,
+    read_rgb,
+    warn_skipped,
+)
 
 DATASET_CHOICES: tuple[str, ...] = ("embedded", "cifar10", "imagefolder:PATH")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,16 +51,6 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> Image.Image: ...
-
-
-def read_rgb(file: str | Path | IO[bytes], name: str | Path) -> Image.Image:
-    """Decode an image file to RGB; an unreadable file is the user's to fix, so say which."""
-    try:
-        with Image.open(file) as img:
-            img.load()
-            return rgb_image(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise SSLBenchError(f"{name}: not a readable image ({exc})") from exc
 
 
 class ArraySource:
@@ -71,22 +69,6 @@ class ArraySource:
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
-
-
-class FileSource:
-    """Image files decoded lazily, so arbitrarily large folders cost nothing until read."""
-
-    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int] | np.ndarray) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.labels = np.asarray(labels, dtype=np.int64)
-        if len(self.labels) != len(self.paths):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int) -> Image.Image:
-        return read_rgb(self.paths[index], self.paths[index])
 
 
 class SubsetSource:
@@ -128,6 +110,7 @@ class DatasetSplits:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     description: str
+    skipped_images: int = 0  # unreadable files dropped under bad_images=skip (train and test together)
 
     @property
     def num_classes(self) -> int:
@@ -194,8 +177,12 @@ def _scan_split(split_dir: Path, classes: list[str]) -> FileSource:
     return FileSource(paths, labels)
 
 
-def _folder_splits(root: Path, layout: str) -> tuple[FileSource, FileSource, list[str]]:
-    """Read ``root/train/<class>`` and ``root/{val|test}/<class>``; errors say where and what layout."""
+def _folder_splits(root: Path, layout: str, bad_images: str) -> tuple[FileSource, FileSource, list[str], int]:
+    """Read ``root/train/<class>`` and ``root/{val|test}/<class>``; errors say where and what layout.
+
+    Under ``bad_images="skip"`` unreadable files are dropped (and counted, the last item) before the
+    checks that every class still has images.
+    """
     where = f"expected {layout}"
     if not root.is_dir():
         raise SSLBenchError(f"{root}: no such folder; {where}")
@@ -211,39 +198,54 @@ def _folder_splits(root: Path, layout: str) -> tuple[FileSource, FileSource, lis
     if extra:
         raise SSLBenchError(f"{eval_dir}: classes {extra} are not in {train_dir} (classes: {classes})")
     train, test = _scan_split(train_dir, classes), _scan_split(eval_dir, classes)
+    skipped: list[tuple[str, str]] = []
+    if bad_images == "skip":
+        (train, skipped_train), (test, skipped_test) = drop_unreadable(train), drop_unreadable(test)
+        skipped = skipped_train + skipped_test
+        warn_skipped(skipped, len(train) + len(test) + len(skipped))
+    images = f"{'readable ' if skipped else ''}images ({', '.join(IMAGE_EXTENSIONS)})"
     empty = [cls for label, cls in enumerate(classes) if not np.any(train.labels == label)]
     if empty:
-        raise SSLBenchError(
-            f"{train_dir}: class folders {empty} hold no images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise SSLBenchError(f"{train_dir}: class folders {empty} hold no {images}")
     if len(test) == 0:
-        raise SSLBenchError(f"{eval_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}); {where}")
-    return train, test, classes
+        raise SSLBenchError(f"{eval_dir}: no {images}; {where}")
+    return train, test, classes, len(skipped)
 
 
-def _load_imagefolder(path: str, image_size: int | None) -> DatasetSplits:
+def _skipped_note(skipped: int) -> str:
+    return f", {skipped} unreadable skipped" if skipped else ""
+
+
+def _load_imagefolder(path: str, image_size: int | None, bad_images: str) -> DatasetSplits:
     if not path:
         raise SSLBenchError("imagefolder needs a path: use --dataset imagefolder:PATH")
     root = Path(path).expanduser().resolve()
     layout = "PATH/train/<class>/*.jpg and PATH/val/<class>/ (or PATH/test/<class>/)"
-    train, test, classes = _folder_splits(root, layout)
+    train, test, classes, skipped = _folder_splits(root, layout, bad_images)
     eval_name = "val" if (root / "val").is_dir() else "test"
+    counts = f"{len(classes)} classes, {len(train)} train / {len(test)} {eval_name}{_skipped_note(skipped)}"
     return DatasetSplits(
         f"imagefolder:{root}", train, test, classes, image_size or 224, IMAGENET_MEAN, IMAGENET_STD,
-        f"ImageFolder {root} ({len(classes)} classes, {len(train)} train / {len(test)} {eval_name})",
+        f"ImageFolder {root} ({counts})", skipped,
     )  # fmt: skip
 
 
 def _decode_member(blob: bytes, name: str) -> np.ndarray:
-    arr = np.asarray(read_rgb(io.BytesIO(blob), name), dtype=np.uint8)
+    arr = np.asarray(read_rgb(io.BytesIO(blob), name, SKIP_HINT), dtype=np.uint8)
     if arr.shape != (32, 32, 3):
         raise SSLBenchError(f"{name}: expected a 32x32 CIFAR-10 image, got {arr.shape[1]}x{arr.shape[0]}")
     return arr
 
 
+ZipSplits = tuple[ArraySource, ArraySource, list[str], list[tuple[str, str]]]
+
+
 @functools.lru_cache(maxsize=1)
-def _cifar10_zip(path: Path, stamp: tuple[float, int]) -> tuple[ArraySource, ArraySource, list[str]] | None:
-    """Decode every member once (cached while the file is unchanged); ``None`` when it holds no images."""
+def _cifar10_zip(path: Path, stamp: tuple[float, int], bad_images: str) -> ZipSplits | None:
+    """Decode every member once (cached while the file is unchanged); ``None`` when it holds no images.
+
+    Under ``bad_images="skip"`` a member that does not decode is left out and listed (the last item).
+    """
     members: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     try:
         with zipfile.ZipFile(path) as zf:
@@ -262,21 +264,40 @@ def _cifar10_zip(path: Path, stamp: tuple[float, int]) -> tuple[ArraySource, Arr
         raise SSLBenchError(f"{path}: test classes {extra} are not among the train classes {classes}")
     index = {cls: i for i, cls in enumerate(classes)}
     sources = []
+    skipped: list[tuple[str, str]] = []
     for split in ("train", "test"):
-        images = [_decode_member(blobs[name], f"{path}:{name}") for _, name in members[split]]
-        sources.append(ArraySource(np.stack(images), [index[cls] for cls, _ in members[split]]))
-    return sources[0], sources[1], classes
+        images, labels = [], []
+        for cls, name in members[split]:
+            try:
+                images.append(_decode_member(blobs[name], f"{path}:{name}"))
+            except BadImageError as exc:
+                if bad_images != "skip":
+                    raise
+                skipped.append((exc.file, exc.reason))
+                continue
+            labels.append(index[cls])
+        if not images:
+            raise SSLBenchError(f"{path}: no readable {split} images (all {len(members[split])} skipped)")
+        sources.append(ArraySource(np.stack(images), labels))
+    return sources[0], sources[1], classes, skipped
 
 
-def _cifar10_from(root: Path, download: bool) -> tuple[ImageSource, ImageSource, list[str], str] | None:
+Cifar10Found = tuple[ImageSource, ImageSource, list[str], int, str]  # ..., classes, skipped files, origin
+
+
+def _cifar10_from(root: Path, download: bool, bad_images: str = "error") -> Cifar10Found | None:
     """Try one candidate root; ``None`` means nothing usable is there (so the next place is tried)."""
     if root.is_file():
         stat = root.stat()
-        found = _cifar10_zip(root, (stat.st_mtime, stat.st_size))
-        return (*found, f"zip {root}") if found else None
+        found = _cifar10_zip(root, (stat.st_mtime, stat.st_size), bad_images)
+        if found is None:
+            return None
+        train, test, classes, skipped = found
+        warn_skipped(skipped, len(train) + len(test) + len(skipped))
+        return train, test, classes, len(skipped), f"zip {root}"
     if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
         layout = "train/<class>/*.jpg and test/<class>/*.jpg"
-        return (*_folder_splits(root, layout), f"ImageFolder tree {root}")
+        return (*_folder_splits(root, layout, bad_images), f"ImageFolder tree {root}")
     if not download and not (root / "cifar-10-batches-py").is_dir():
         return None
     import torchvision.datasets  # only here: it is slow to import and most runs never need it
@@ -286,17 +307,19 @@ def _cifar10_from(root: Path, download: bool) -> tuple[ImageSource, ImageSource,
     except (RuntimeError, OSError) as exc:
         raise SSLBenchError(f"{root}: could not load torchvision CIFAR-10 ({exc})") from exc
     train, test = (ArraySource(np.asarray(s.data, dtype=np.uint8), s.targets) for s in sets)
-    return train, test, list(sets[0].classes), f"torchvision folder {root}"
+    return train, test, list(sets[0].classes), 0, f"torchvision folder {root}"
 
 
-def _load_cifar10(root: str | None, image_size: int | None, download: bool) -> DatasetSplits:
+def _load_cifar10(root: str | None, image_size: int | None, download: bool, bad_images: str) -> DatasetSplits:
     candidates = [root] if root is not None else list(CIFAR10_DEFAULT_ROOTS)
     paths = [Path(c).expanduser().resolve() for c in candidates]
     found = None
     looked: list[str] = []
     for path in paths:
         try:
-            found = _cifar10_from(path, download=False) if path.exists() else None
+            found = _cifar10_from(path, False, bad_images) if path.exists() else None
+        except BadImageError:  # CIFAR-10 is there, but a file of it is damaged: that is the message
+            raise
         except SSLBenchError as exc:
             looked.append(f"{path} (unusable: {exc})")
             continue
@@ -305,7 +328,7 @@ def _load_cifar10(root: str | None, image_size: int | None, download: bool) -> D
         looked.append(f"{path} ({'no CIFAR-10 data there' if path.exists() else 'missing'})")
     if found is None and download:
         target = paths[0] if root is not None else paths[-1]
-        found = _cifar10_from(target, download=True)
+        found = _cifar10_from(target, True, bad_images)
     if found is None:
         raise SSLBenchError(
             f"CIFAR-10 not found; looked in: {'; '.join(looked)}. Get it with --download (torchvision, "
@@ -313,25 +336,34 @@ def _load_cifar10(root: str | None, image_size: int | None, download: bool) -> D
             "test/<class>/*.jpg, an ImageFolder tree with train/ and test/, or a torchvision folder "
             "containing cifar-10-batches-py"
         )
-    train, test, classes, origin = found
+    train, test, classes, skipped, origin = found
     return DatasetSplits(
         "cifar10", train, test, classes, image_size or 32, CIFAR10_MEAN, CIFAR10_STD,
-        f"CIFAR-10 ({len(train)} train / {len(test)} test) from {origin}",
+        f"CIFAR-10 ({len(train)} train / {len(test)} test{_skipped_note(skipped)}) from {origin}", skipped,
     )  # fmt: skip
 
 
 def load_dataset(
-    name: str, root: str | None = None, image_size: int | None = None, download: bool = False
+    name: str,
+    root: str | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    *,
+    bad_images: str = "error",
 ) -> DatasetSplits:
-    """Resolve a dataset name (see ``DATASET_CHOICES``) to train/test sources and their statistics."""
+    """Resolve a dataset name (see ``DATASET_CHOICES``) to train/test sources and their statistics.
+
+    ``bad_images`` (``error`` | ``skip``): what an unreadable image file does (``sslbench.image_files``).
+    """
+    check_policy(bad_images)
     if name == "embedded":
         return _load_embedded(image_size)
     if name == "cifar10":
-        return _load_cifar10(root, image_size, download)
+        return _load_cifar10(root, image_size, download, bad_images)
     if name.startswith("imagefolder:"):
-        return _load_imagefolder(name.split(":", 1)[1], image_size)
+        return _load_imagefolder(name.split(":", 1)[1], image_size, bad_images)
     if name == "imagefolder":
-        return _load_imagefolder(root or "", image_size)
+        return _load_imagefolder(root or "", image_size, bad_images)
     raise SSLBenchError(unknown_name_message("dataset", name, DATASET_CHOICES))
 
 

@@ -21,10 +21,11 @@ import yaml
 from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
-from sslbench.datasets import DatasetSplits, load_dataset
+from sslbench.datasets import DatasetSplits, load_dataset, subset_indices
 from sslbench.distributed import init_distributed, is_main, on_main
 from sslbench.environment import describe_environment
 from sslbench.errors import SSLBenchError
+from sslbench.image_files import BadImageError
 from sslbench.plots import write_collapse_diagnostics, write_training_curves
 from sslbench.registry import get_method, list_methods
 from sslbench.report import load_results, write_report
@@ -75,6 +76,23 @@ def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> Pa
     return out_dir
 
 
+def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> None:
+    """A trainable pair needs at least one full batch of its training images."""
+    if not plan.method_cls.trainable:
+        return
+    per_class = plan.train.train_per_class
+    images = (
+        len(data.train)
+        if per_class is None
+        else len(subset_indices(data.train.labels, per_class, config.seed))
+    )
+    if plan.train.batch_size > images:
+        raise SSLBenchError(
+            f"batch size {plan.train.batch_size} is larger than the training set ({images} images) of "
+            f"{plan.folder_name}: lower --batch-size"
+        )
+
+
 def finished_record(pair_dir: Path) -> dict | None:
     """A pair's eval.json if it finished ("ok"): a resumed run keeps it instead of training again."""
     path = pair_dir / "eval.json"
@@ -118,7 +136,9 @@ def run_benchmark(
     for arch in config.archs:
         arch_spec(arch)
     device = init_distributed(resolve_device(config.device))  # this rank's device under torchrun
-    data = load_dataset(config.dataset, config.data_root, config.image_size, config.download)
+    data = load_dataset(
+        config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
+    )
     variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
     if variants:
         base = config_to_dict(config)
@@ -142,6 +162,8 @@ def run_benchmark(
         for arch in config.archs
     ]
 
+    for plan, plan_config in plans:  # a batch that cannot be filled is bad input, refused before training
+        check_batch_fits(plan, plan_config, data)
     lock: RunLock | None = None
 
     def claim() -> Path:
@@ -183,12 +205,18 @@ def _run_pairs(
             if evaluated is None:  # a helper rank of a distributed run: the main rank writes
                 continue
             record |= evaluated
+        except BadImageError:
+            raise  # the data's problem, the same for every pair: stop with the file's name
         except Exception as error:  # one broken pair must not cost the others their results
             if not is_main():  # every rank failed alike (the loss guard agrees across ranks); one writes
                 continue
-            reason = str(error) if isinstance(error, SSLBenchError) else f"{type(error).__name__}: {error}"
-            if not isinstance(error, SSLBenchError):
+            reason = str(error)
+            if not isinstance(error, SSLBenchError):  # a bug, in the method or here: name who and where
                 write_text_atomic(pair_dir / "traceback.txt", traceback.format_exc())
+                reason = (
+                    f"{type(error).__name__}: {error} (method '{name}' from {record['method_source']}; "
+                    f"traceback in {pair_dir / 'traceback.txt'})"
+                )
             record |= {
                 "status": "failed",
                 "error": reason,

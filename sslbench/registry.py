@@ -27,6 +27,7 @@ RESERVED_NAMES = frozenset(f.name for f in dataclasses.fields(RunConfig)) | {"me
 
 _methods: dict[str, type[Method]] = {}
 _sources: dict[str, str] = {}
+_failed: dict[str, str] = {}  # entry-point name -> why its plugin did not import, for get_method's message
 _discovered = False
 
 
@@ -68,6 +69,7 @@ def _discover() -> None:
         try:
             loaded = ep.load()
         except Exception as error:  # a broken plugin must not break the others
+            _failed[ep.name] = f"{ep.value}: {type(error).__name__}: {error}"
             warnings.warn(
                 f"method plugin '{ep.name}' ({ep.value}) failed to import and is skipped: "
                 f"{type(error).__name__}: {error}",
@@ -116,6 +118,11 @@ def load_plugin_file(path: str | Path) -> list[str]:
 
 def get_method(name: str) -> type[Method]:
     _discover()
+    if name not in _methods and name in _failed:
+        raise SSLBenchError(
+            f"method '{name}' is unavailable: its plugin failed to import ({_failed[name]}); fix or "
+            "reinstall the package that provides it, or choose another method (sslbench list)"
+        )
     if name not in _methods:
         raise SSLBenchError(unknown_name_message("method", name, _methods))
     return _methods[name]

@@ -241,6 +241,7 @@ def train_and_evaluate(
     protocol = {
         "dataset": data.name,
         "dataset_description": data.description,
+        "skipped_images": data.skipped_images,
         "train_images": len(train_source) if plan.method_cls.trainable else 0,
         "test_images": metrics.pop("test_images"),
         "knn_bank_images": metrics.pop("bank_images"),

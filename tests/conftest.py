@@ -28,6 +28,7 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     registry.list_methods()
     monkeypatch.setattr(registry, "_methods", dict(registry._methods))
     monkeypatch.setattr(registry, "_sources", dict(registry._sources))
+    monkeypatch.setattr(registry, "_failed", dict(registry._failed))
     monkeypatch.setattr(registry, "_discovered", True)
     before = set(sys.modules)
     yield

@@ -118,8 +118,10 @@ def test_forward_eval_vit(vit_tiny):
     x = _images(3, 3, 32, 32, seed=1)
     model = vit_tiny.model
     captured: list[torch.Tensor] = []
-    hooks = [blk.register_forward_hook(lambda _m, _i, out: captured.append(out))
-             for blk in model.blocks[-VIT_LINEAR_BLOCKS:]]
+    hooks = [
+        blk.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        for blk in model.blocks[-VIT_LINEAR_BLOCKS:]
+    ]
     try:
         with torch.no_grad():
             feats = vit_tiny.forward_eval(x)
@@ -164,8 +166,9 @@ class _Counting:
 @pytest.mark.parametrize("arch_fixture", ["vit_tiny", "resnet18"])
 def test_multicrop_forward_groups_by_resolution(arch_fixture, request):
     backbone = request.getfixturevalue(arch_fixture)
-    crops = [_images(2, 3, 32, 32, seed=i) for i in range(2)] + [_images(2, 3, 16, 16, seed=10 + i)
-                                                                  for i in range(3)]
+    crops = [_images(2, 3, 32, 32, seed=i) for i in range(2)] + [
+        _images(2, 3, 16, 16, seed=10 + i) for i in range(3)
+    ]
     counting = _Counting(backbone)
     with torch.no_grad():
         outputs = multicrop_forward(counting, crops)

@@ -294,21 +294,15 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
-def test_batch_larger_than_the_dataset_fails_the_pair(tmp_path: Path) -> None:
+def test_batch_larger_than_the_dataset_is_refused_before_training(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="no successful results to plot"):
-        code, _, stderr = _main(["run", "--methods", "supervised", "--arch", "resnet18", *TINY,
-                                 "--batch-size", "64", "--out", str(out)])  # fmt: skip
-    assert code == 1
+    code, _, stderr = _main(["run", "--methods", "supervised", "--arch", "resnet18", *TINY,
+                             "--batch-size", "64", "--out", str(out)])  # fmt: skip
+    assert code == 2
     assert "Traceback" not in stderr
-    message = "batch size 64 is larger than the training set (20 images): lower --batch-size"
-    assert f"supervised-resnet18: {message}" in stderr
-    record = _eval(out, "supervised-resnet18")
-    assert (record["status"], record["error"]) == ("failed", message)
-    assert record["knn"] is None and record["linear"] is None
-    assert not (out / "supervised-resnet18" / "traceback.txt").exists()  # a user error, not a bug
-    assert "failed" in (out / "table.md").read_text()
-    assert not (out / "summary.png").exists()
+    message = "batch size 64 is larger than the training set (20 images) of supervised-resnet18"
+    assert f"{message}: lower --batch-size" in stderr
+    assert not out.exists()  # refused before any folder was made
 
 
 BOOM_PLUGIN = """\
@@ -334,9 +328,13 @@ def test_a_failing_pair_is_recorded_and_the_others_finish(tmp_path: Path, isolat
                                   "--arch", "resnet18", *TINY, "--out", str(out)])  # fmt: skip
     assert code == 1
     assert "1 pair(s) failed" in stderr
-    assert "boom-resnet18: RuntimeError: boom went the method" in stderr
+    assert "boom-resnet18: RuntimeError: boom went the method (method 'boom' from plugin file" in stderr
     failed = _eval(out, "boom-resnet18")
-    assert (failed["status"], failed["error"]) == ("failed", "RuntimeError: boom went the method")
+    assert failed["status"] == "failed"
+    assert failed["error"] == (
+        f"RuntimeError: boom went the method (method 'boom' from plugin file {plugin}; "
+        f"traceback in {out / 'boom-resnet18' / 'traceback.txt'})"
+    )
     assert failed["method_source"] == f"plugin file {plugin}"
     assert "RuntimeError: boom went the method" in (out / "boom-resnet18" / "traceback.txt").read_text()
     assert _eval(out, "random-resnet18")["status"] == "ok"

@@ -117,7 +117,7 @@ class _Resolved(Exception):
 def _config_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> RunConfig:
     """What ``sslbench run ARGS`` would run, stopped before anything is trained."""
 
-    def stop(config: RunConfig, show_progress: bool = True) -> None:
+    def stop(config: RunConfig, show_progress: bool = True, **_: object) -> None:
         raise _Resolved(config)
 
     monkeypatch.setattr(experiment, "run_benchmark", stop)

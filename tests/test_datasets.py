@@ -10,6 +10,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch.utils.data
 from PIL import Image
 
 from sslbench.datasets import (
@@ -22,6 +23,7 @@ from sslbench.datasets import (
     subset_indices,
 )
 from sslbench.errors import SSLBenchError
+from sslbench.image_files import BadImageError, image_problem
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ZIP = REPO.parent / "shared" / "data" / "cifar10.zip"
@@ -234,6 +236,61 @@ def test_corrupt_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(SSLBenchError, match="not a readable image") as err:
         ds.train.load(index)
     assert str(bad) in str(err.value)
+    assert "--set bad_images=skip" in str(err.value)
+
+
+def test_corrupt_file_read_in_a_loader_worker_keeps_its_one_line_message(tmp_path: Path) -> None:
+    """A worker's error comes back as ``type(text with the worker's traceback)``: the message survives."""
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    loader = torch.utils.data.DataLoader(TransformDataset(FileSource([bad], [0]), np.asarray), num_workers=1)
+    with pytest.raises(BadImageError) as err:
+        next(iter(loader))
+    assert str(err.value) == (
+        f"{bad}: not a readable image (not in an image format PIL can read); fix or remove the file, or drop "
+        "unreadable images with --set bad_images=skip"
+    )
+
+
+def _jpeg(size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    _image("RGB", (size, size)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    _image("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+CHECKED = {
+    "jpeg": (lambda: _jpeg(), None),
+    "jpeg padded with zeros": (lambda: _jpeg() + bytes(16), None),
+    "jpeg with trailing data": (lambda: _jpeg() + b"a phone's video" * 100, None),
+    "jpeg cut off": (lambda: _jpeg()[: len(_jpeg()) * 2 // 3], "image file is truncated"),
+    "jpeg header only": (lambda: _jpeg()[:100], "Truncated File Read"),
+    "png": (_png_bytes, None),
+    "png cut off": (lambda: _png_bytes()[:200], "Truncated File Read"),
+    "png bad checksum": (lambda: _png_bytes()[:100] + b"x" + _png_bytes()[101:], "broken PNG file"),
+    "text": (lambda: b"hello", "not in an image format PIL can read"),
+    "empty": (lambda: b"", "not in an image format PIL can read"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKED))
+def test_image_check_catches_damage_without_decoding_good_files(tmp_path: Path, case: str) -> None:
+    make, problem = CHECKED[case]
+    path = tmp_path / "x.jpg"
+    path.write_bytes(make())
+    found = image_problem(path)
+    assert found == problem if problem is None else problem in found
+    assert image_problem(io.BytesIO(make())) == found
+
+
+def test_skip_needs_a_known_policy() -> None:
+    with pytest.raises(SSLBenchError, match="bad_images must be one of error, skip, got 'ignore'"):
+        load_dataset("embedded", bad_images="ignore")
 
 
 # ------------------------------------------------------------------------------------------------- helpers

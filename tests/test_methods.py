@@ -29,8 +29,13 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE = 32
 NUM_CLASSES = 10
 SMALL_OPTIONS = {
-    "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops_number": 2,  # DINO
-    "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64,  # BYOL, SimCLR
+    "out_dim": 64,
+    "hidden_dim": 64,
+    "bottleneck_dim": 32,
+    "local_crops_number": 2,  # DINO
+    "proj_hidden_dim": 64,
+    "proj_dim": 32,
+    "pred_hidden_dim": 64,  # BYOL, SimCLR
 }
 SMALL_ARCHS = ["resnet18", "vit_tiny16"]
 METHODS = sorted(list_methods())
@@ -44,8 +49,15 @@ def small_config(method_cls: type[Method], **overrides):
     return method_cls.Config(**options)
 
 
-def build(name: str, arch: str = "resnet18", image_size: int = SIZE, epochs: int = 2, ipe: int = 1,
-          drop_path_rate: float = 0.0, **overrides) -> Method:
+def build(
+    name: str,
+    arch: str = "resnet18",
+    image_size: int = SIZE,
+    epochs: int = 2,
+    ipe: int = 1,
+    drop_path_rate: float = 0.0,
+    **overrides,
+) -> Method:
     method_cls = get_method(name)
     backbone = create_backbone(arch, image_size, drop_path_rate)
     context = TrainContext(epochs, ipe, NUM_CLASSES, image_size)
@@ -76,8 +88,11 @@ def silent_at_init(backbone: Backbone) -> set[str]:
         if not (hasattr(block, "conv1") and hasattr(block, last)) or block_name == "model":
             continue
         if torch.count_nonzero(getattr(block, last).weight) == 0:
-            silent |= {f"{block_name}.{n}" for n, _ in block.named_parameters()
-                       if not n.startswith((f"{last}.", "downsample."))}
+            silent |= {
+                f"{block_name}.{n}"
+                for n, _ in block.named_parameters()
+                if not n.startswith((f"{last}.", "downsample."))
+            }
     return silent
 
 
@@ -118,9 +133,16 @@ def test_method_interface(name):
         assert not unknown, f"paper recipe of {name} sets unknown train keys {unknown}"
 
 
-@pytest.mark.parametrize(("name", "source"), [("dino", "teacher backbone"), ("byol", "backbone"),
-                                              ("simclr", "backbone"), ("supervised", "backbone"),
-                                              ("random", "backbone")])
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("dino", "teacher backbone"),
+        ("byol", "backbone"),
+        ("simclr", "backbone"),
+        ("supervised", "backbone"),
+        ("random", "backbone"),
+    ],
+)
 def test_eval_backbone_and_feature_source(name, source):
     torch.manual_seed(0)
     method = build(name)
@@ -165,17 +187,26 @@ def test_training_step_gradients_and_ema(name, arch):
     method.after_backward(step)
 
     # Every backbone parameter learns, the stem / patch embedding included.
-    stem = method.backbone.model.conv1 if method.backbone.family == "resnet" else \
-        method.backbone.model.patch_embed.proj
+    stem = (
+        method.backbone.model.conv1
+        if method.backbone.family == "resnet"
+        else method.backbone.model.patch_embed.proj
+    )
     assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
     silent = silent_at_init(method.backbone)
     assert not [n for n, p in method.backbone.named_parameters() if p.requires_grad and p.grad is None]
-    no_grad = [n for n, p in method.backbone.named_parameters()
-               if p.requires_grad and n not in silent and not p.grad.abs().sum() > 0]
+    no_grad = [
+        n
+        for n, p in method.backbone.named_parameters()
+        if p.requires_grad and n not in silent and not p.grad.abs().sum() > 0
+    ]
     assert not no_grad, f"backbone parameters without gradient: {no_grad}"
     # Every other trainable parameter of the method (its heads) gets a gradient too.
-    missing = [n for n, p in method.named_parameters()
-               if p.requires_grad and id(p) not in teacher_ids and p.grad is None]
+    missing = [
+        n
+        for n, p in method.named_parameters()
+        if p.requires_grad and id(p) not in teacher_ids and p.grad is None
+    ]
     assert not missing, f"trainable parameters without gradient: {missing}"
     # Teachers: frozen, without gradient, and not given to the optimizer.
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -192,8 +223,9 @@ def test_training_step_gradients_and_ema(name, arch):
         new_teacher = [p.detach() for p in ema.parameters()]
         for p_old, p_online, p_new in zip(old, new_online, new_teacher, strict=True):
             torch.testing.assert_close(p_new, 0.9 * p_old + 0.1 * p_online, rtol=0, atol=1e-6)
-        assert any(not torch.equal(a, b) for a, b in zip(old, new_teacher, strict=True)), \
+        assert any(not torch.equal(a, b) for a, b in zip(old, new_teacher, strict=True)), (
             f"{type(ema).__name__} teacher did not move"
+        )
     for teacher in teachers:
         assert all(p.requires_grad is False and p.grad is None for p in teacher.parameters())
 
@@ -256,8 +288,15 @@ def test_dino_center_moves_toward_teacher_mean(dino_vit):
 
 def test_dino_teacher_temperature_warmup():
     torch.manual_seed(0)
-    method = build("dino", "vit_tiny16", epochs=5, ipe=3, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                   warmup_teacher_temp_epochs=2)
+    method = build(
+        "dino",
+        "vit_tiny16",
+        epochs=5,
+        ipe=3,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=2,
+    )
     temps = method.teacher_temps
     assert len(temps) == 15
     np.testing.assert_allclose(temps[:6], np.linspace(0.04, 0.07, 6), atol=1e-12)

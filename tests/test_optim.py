@@ -20,7 +20,11 @@ def _ids(params) -> set[int]:
 
 def test_parameter_groups_split_by_ndim():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 5), nn.LayerNorm(5),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+        nn.LayerNorm(5),
         nn.Linear(5, 2, bias=False),
     )
     frozen = nn.Linear(2, 2)
@@ -66,9 +70,12 @@ def test_lars_matches_hand_computation():
     b0 = [0.3, -0.4]  # a bias: excluded (plain SGD + momentum, no decay)
     w = nn.Parameter(torch.tensor(w0, dtype=F64).reshape(2, 2))
     b = nn.Parameter(torch.tensor(b0, dtype=F64))
-    optimizer = LARS([{"params": [w], "weight_decay": wd},
-                      {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
-                     lr=lr, momentum=momentum, eta=eta)
+    optimizer = LARS(
+        [{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+        lr=lr,
+        momentum=momentum,
+        eta=eta,
+    )
     grads_w = [[0.2, 0.1, -0.3, 0.4], [-0.1, 0.5, 0.2, 0.0]]
     grads_b = [[1.0, 2.0], [-3.0, 0.5]]
 

@@ -73,8 +73,15 @@ RUN_IMAGES, RUN_BATCH, RUN_EPOCHS = 16, 8, 2
 
 
 def _train_cfg(**overrides) -> TrainConfig:
-    base = {"epochs": RUN_EPOCHS, "batch_size": RUN_BATCH, "lr": 0.05, "warmup_epochs": 1, "log_every": 1,
-            "precision": "fp32", "num_workers": 0}
+    base = {
+        "epochs": RUN_EPOCHS,
+        "batch_size": RUN_BATCH,
+        "lr": 0.05,
+        "warmup_epochs": 1,
+        "log_every": 1,
+        "precision": "fp32",
+        "num_workers": 0,
+    }
     return TrainConfig(**{**base, **overrides})
 
 
@@ -82,11 +89,17 @@ def _run(name: str, out_dir, seed: int = 0):
     torch.manual_seed(seed)
     method = build(name, "resnet18", epochs=RUN_EPOCHS, ipe=RUN_IMAGES // RUN_BATCH)
     rng = np.random.default_rng(seed)
-    source = ArraySource(rng.integers(0, 256, (RUN_IMAGES, SIZE, SIZE, 3), dtype=np.uint8),
-                         np.arange(RUN_IMAGES) % NUM_CLASSES)
+    source = ArraySource(
+        rng.integers(0, 256, (RUN_IMAGES, SIZE, SIZE, 3), dtype=np.uint8), np.arange(RUN_IMAGES) % NUM_CLASSES
+    )
     dataset = TransformDataset(source, build_view_transform(method.view_recipe(), SIZE, MEAN, STD))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=RUN_BATCH, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=RUN_BATCH,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = train_loop(method, loader, _train_cfg(), "fp32", CPU, out_dir, show_progress=False)
     return method, summary
