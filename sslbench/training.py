@@ -80,12 +80,14 @@ def optimization_step(
     """
     with autocast:
         output = (model or method)(views, labels, step)
-    optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
     if clip_grad > 0:
         clip_per_parameter([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
     method.after_backward(step)
     optimizer.step()
+    # Gradients are freed here, not before the next backward: the next forward's activations then
+    # never share memory with a full set of stale gradients (the peak is one or the other).
+    optimizer.zero_grad(set_to_none=True)
     ema_update(method.momentum_pairs(), ema_momentum)
     return output.loss.detach(), output
 
