@@ -89,10 +89,14 @@ def plan_pair(
 
 def compile_backbones(method: Method) -> None:
     """``torch.compile`` the backbones in place (student and EMA copy): their state_dict keys stay as
-    they are, and the heads and losses, small and cheap, stay eager."""
+    they are, and the heads and losses, small and cheap, stay eager.
+
+    Static shapes, one graph per crop resolution: multi-crop has two or three, and a ViT's position
+    embedding resized for local crops fails to compile with symbolic sizes (PyTorch 2.14).
+    """
     backbones = [method.backbone, method.momentum_backbone()]
     for backbone in {id(b): b for b in backbones if b is not None}.values():
-        backbone.compile()
+        backbone.compile(dynamic=False)
 
 
 def training_data(

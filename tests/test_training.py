@@ -104,16 +104,21 @@ def test_cuda_optimizers_are_fused_and_cpu_ones_are_not():
 
 
 def test_compiled_backbone_keeps_its_weights_names_and_outputs():
+    """Global and local crop sizes, forward and backward: what a DINO ViT step asks of it."""
     torch.manual_seed(0)
     method_cls = get_method("dino")
-    options = dataclasses.replace(method_cls.Config(), out_dim=16, hidden_dim=16, local_crops_number=0)
+    options = dataclasses.replace(method_cls.Config(), out_dim=16, hidden_dim=16)
     method = method_cls(create_backbone("vit_tiny16", 32), options, TrainContext(1, 1, 10, 32))
     keys = list(method.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    eager = method.backbone(x)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    eager = [method.backbone(x) for x in crops]
     compile_backbones(method)
     assert list(method.state_dict()) == keys  # checkpoints and backbone.pt are unchanged
-    torch.testing.assert_close(method.backbone(x), eager, rtol=1e-4, atol=1e-4)
+    for x, expected in zip(crops, eager, strict=True):
+        out = method.backbone(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        out.sum().backward()
+    assert all(p.grad is not None for p in method.backbone.parameters() if p.requires_grad)
 
 
 def test_run_config_defaults_keep_the_reference_path():
