@@ -32,7 +32,6 @@ import argparse
 import copy
 import functools
 import gc
-import inspect
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_augment import augmentation_rates
 from bench_knn import PeakMemory
 from torch import Tensor
 
@@ -52,11 +52,8 @@ from sslbench.augment import crop_sizes
 from sslbench.config import TrainConfig
 from sslbench.method import Method
 from sslbench.optim import build_optimizer, parameter_groups
-
-try:  # the shared step lives in sslbench.training; older checkouts kept it in sslbench.runner
-    from sslbench.training import memory_format_for, optimization_step, precision_for
-except ImportError:
-    from sslbench.runner import memory_format_for, optimization_step, precision_for
+from sslbench.runner import compile_backbones
+from sslbench.training import memory_format_for, optimization_step, precision_for
 
 TOLERANCE = 1e-2  # relative |loss_bf16 - loss_fp32| / |loss_fp32|: 2.5 bf16 ulps (2^-8 = 3.9e-3)
 IPE = 100  # the timed step is iteration IPE, epoch 1: after DINO's frozen-last-layer epoch
@@ -214,7 +211,7 @@ def throughput(work: Workload, args: argparse.Namespace, peak: float | None, tab
             )
 
         flops = count_flops(run)  # eager, before any compile hides the operators; also a warm-up step
-        compiled = maybe_compile(method, args.compile, table, work)
+        compiled = maybe_compile(method, args.compile)
         for _ in range(args.warmup):
             run()
         _sync(device)
@@ -246,27 +243,15 @@ def throughput(work: Workload, args: argparse.Namespace, peak: float | None, tab
     }
 
 
-def maybe_compile(method: Method, wanted: bool, table: Table, work: Workload) -> bool:
-    """``torch.compile`` through the runner's own helper where it has one; skipped otherwise."""
-    if not wanted:
-        return False
-    from sslbench import runner
-
-    compile_backbones = getattr(runner, "compile_backbones", None)
-    if compile_backbones is None:
-        table.add("compile", work.describe(), "the runner has no compile_backbones: eager", "SKIP")
-        return False
-    compile_backbones(method)
-    return True
+def maybe_compile(method: Method, wanted: bool) -> bool:
+    """``torch.compile`` through the runner's own helper, as ``sslbench run --compile`` does."""
+    if wanted:
+        compile_backbones(method)
+    return wanted
 
 
 def augmentation(args: argparse.Namespace, table: Table) -> None:
-    """The CPU view recipe vs the batched augmenter, if ``bench_augment`` is there."""
-    try:
-        from bench_augment import augmentation_rates
-    except ImportError as error:
-        table.add("augmentation", "CPU recipe vs batched", f"augmentation: not available ({error})", "SKIP")
-        return
+    """The CPU view recipe in loader workers vs the batched augmenter on the device."""
     work = workloads(args.tiny)[0]
     settings = {
         "device": args.device,
@@ -276,15 +261,12 @@ def augmentation(args: argparse.Namespace, table: Table) -> None:
         "seconds": 0.5 if args.tiny else 5.0,
         "num_local_crops": work.local_crops,
     }
-    accepted = inspect.signature(augmentation_rates).parameters
-    rates = augmentation_rates(**{k: v for k, v in settings.items() if k in accepted})
-    views = rates.get("views", work.describe())
+    rates = augmentation_rates(**settings)
+    views = rates["views"]
     cpu, batched = rates["cpu"], rates["batched"]
-    table.add(
-        "augmentation", f"CPU recipe, {rates.get('workers')} workers, {views}", f"{cpu:.0f} images/s", "OK"
-    )
+    table.add("augmentation", f"CPU recipe, {rates['workers']} workers, {views}", f"{cpu:.0f} images/s", "OK")
     speedup = f"{batched:.0f} images/s ({batched / cpu:.1f}x the CPU recipe)"
-    table.add("augmentation", f"batched on {rates.get('device')}, {views}", speedup, "OK")
+    table.add("augmentation", f"batched on {rates['device']}, {views}", speedup, "OK")
     table.data["augmentation"] = rates
 
 

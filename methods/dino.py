@@ -97,9 +97,11 @@ class DINO(Method):
         return multi_crop(cfg.local_crops_number, tuple(cfg.global_crops_scale), tuple(cfg.local_crops_scale))
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
-        student_out = multicrop_forward(self.backbone, views, lambda x: self.head(x, self.predictor))
+        # Teacher first, as the reference does: its temporaries are gone before the student's
+        # activations build up (a lower peak; the teacher draws no randomness, so nothing else changes).
         with torch.no_grad():
             teacher_out = multicrop_forward(self.teacher_backbone, views[:2], self.teacher_head)
+        student_out = multicrop_forward(self.backbone, views, lambda x: self.head(x, self.predictor))
         teacher_temp = float(self.teacher_temps[min(step.iteration, len(self.teacher_temps) - 1)])
         loss = LOSSES[self.config.loss](
             student_out, teacher_out, self.center, self.config.student_temp, teacher_temp

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import yaml
 
 from sslbench.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.backbones import arch_spec
+from sslbench.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
 from sslbench.datasets import DatasetSplits, load_dataset, subset_indices
 from sslbench.distributed import init_distributed, is_main, on_main
@@ -228,6 +230,8 @@ def _run_pairs(
             failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         write_json_atomic(pair_dir / "eval.json", record)
+        if record["status"] == "ok":  # its numbers are final and a resume keeps them: free the disk
+            shutil.rmtree(pair_dir / CHECKPOINT_FOLDER, ignore_errors=True)
 
     if not is_main():
         return RunOutcome(out_dir, pd.DataFrame(), failed, main=False)
