@@ -64,9 +64,13 @@ def restore_rng_state(state: dict[str, Any], augment_generator: torch.Generator 
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     if augment_generator is not None and state["augment"] is not None:
         augment_generator.set_state(state["augment"])
+
+
+def _iteration(path: Path) -> int:
+    return int(path.stem.split("-")[1])
 
 
 def checkpoint_files(pair_dir: Path) -> list[Path]:
@@ -74,15 +78,22 @@ def checkpoint_files(pair_dir: Path) -> list[Path]:
     folder = pair_dir / FOLDER
     if not folder.is_dir():
         return []
-    return sorted(folder.glob("iter-*.pt"), key=lambda path: int(path.stem.split("-")[1]))
+    return sorted(folder.glob("iter-*.pt"), key=_iteration)
 
 
 def save_checkpoint(pair_dir: Path, payload: dict[str, Any], keep: int) -> Path:
     """Write ``payload`` atomically as the newest checkpoint and drop all but the newest ``keep``."""
-    path = pair_dir / FOLDER / f"iter-{payload['iteration']:08d}.pt"
+    iteration = payload["iteration"]
+    path = pair_dir / FOLDER / f"iter-{iteration:08d}.pt"
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **payload}, tmp)
-    for old in checkpoint_files(pair_dir)[: -max(keep, 1)]:
+    older = []
+    for existing in checkpoint_files(pair_dir):
+        if _iteration(existing) > iteration:  # from before a resume that could not use it: stale
+            existing.unlink(missing_ok=True)
+        else:
+            older.append(existing)
+    for old in older[: -max(keep, 1)]:
         old.unlink(missing_ok=True)
     return path
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -27,6 +28,8 @@ import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 T = TypeVar("T")
+# The helper ranks wait in a collective while the main rank evaluates a pair or monitors: allow for it.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
 
 
 def is_distributed() -> bool:
@@ -57,9 +60,9 @@ def init_distributed(device: torch.device) -> torch.device:
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT)
         return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return device
 
 
@@ -82,11 +85,27 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return total / dist.get_world_size()
 
 
+def _collective_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo, CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order (a list of one outside torchrun)."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any: a decision all ranks act on together."""
     if not is_distributed():
         return flag
-    value = torch.tensor([float(flag)])
+    value = torch.tensor([float(flag)], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

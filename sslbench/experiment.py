@@ -63,19 +63,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> Path:
-    """The run folder (a new unique one by default), checked for reuse, with the config and the
-    environment saved in it."""
+def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> tuple[Path, RunLock]:
+    """The run folder (a new unique one by default), locked first, then checked for reuse, with the
+    config and the environment saved in it. Nothing in a folder another run holds is touched."""
     if config.out:
         out_dir = Path(config.out)
-        check_reuse(out_dir, config_to_dict(config), restart)
         out_dir.mkdir(parents=True, exist_ok=True)
     else:
         out_dir = default_run_dir(config.preset)
-    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    environment = describe_environment(device, config.seed) | {"run_id": out_dir.name}
-    write_json_atomic(out_dir / "environment.json", environment)
-    return out_dir
+    lock = RunLock(out_dir).acquire()
+    try:
+        check_reuse(out_dir, config_to_dict(config), restart)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        environment = describe_environment(device, config.seed) | {"run_id": out_dir.name}
+        write_json_atomic(out_dir / "environment.json", environment)
+    except BaseException:
+        lock.release()
+        raise
+    return out_dir, lock
 
 
 def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> None:
@@ -170,8 +175,7 @@ def run_benchmark(
 
     def claim() -> Path:
         nonlocal lock
-        folder = prepare_out_dir(config, device, restart)
-        lock = RunLock(folder).acquire()
+        folder, lock = prepare_out_dir(config, device, restart)
         return folder
 
     out_dir = on_main(claim)  # every rank agrees on the folder; the main rank holds its lock

@@ -1,18 +1,18 @@
 """The run folder: a unique name, one run at a time in it, and the rules for reusing it.
 
 A folder holds one run. A second run into it is refused unless it resumes that run with the same config
-(``--resume``) or starts it over (``--force``). While a run is writing, ``.lock`` names its process;
-another run into the folder is refused with that name, and a lock left by a process that no longer
-exists on this machine is taken over with a warning.
+(``--resume``) or starts it over (``--force``). While a run is writing, it holds a lock on ``.lock``,
+which names its process; another run into the folder is refused with that name. The lock ends with
+the process, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,15 @@ from sslbench.errors import SSLBenchError
 
 LOCK_NAME = ".lock"
 RESTART_MODES = ("new", "resume", "force")
-# Keys that may differ on a resume: where the results go and which device trains do not change a number.
-RESUMABLE_CHANGES = frozenset({"out", "device"})
+# Keys that may differ on a resume: where the results go does not change a number. (The device does:
+# precision "auto" is bf16 on CUDA and fp32 on the CPU.)
+RESUMABLE_CHANGES = frozenset({"out"})
+# What a run writes at its top level; --force removes these and the pair folders, nothing else.
+RUN_FILES = frozenset(
+    {"config.yaml", "environment.json", "summary.csv", "summary.png", "table.md", "table.tex",
+     "curves.png", "collapse.png", "ablation.md", "ablation.csv"}
+)  # fmt: skip
+PAIR_MARKERS = ("eval.json", "metrics.jsonl", "checkpoints", "backbone.pt", "traceback.txt")
 
 
 def new_run_dir(root: Path, stem: str) -> Path:
@@ -77,11 +84,12 @@ def check_reuse(out_dir: Path, current: dict[str, Any], restart: str) -> None:
             f"results folder {out_dir} already holds a run: add --resume to continue it, --force to start "
             "it over, or give another --out"
         )
-    if restart == "force":
+    if restart == "force":  # only what a run wrote: a folder given by mistake keeps everything else
         for entry in out_dir.iterdir():
-            if entry.name == LOCK_NAME:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.is_file() and entry.name in RUN_FILES:
+                entry.unlink()
+            elif entry.is_dir() and any((entry / marker).exists() for marker in PAIR_MARKERS):
+                shutil.rmtree(entry)
         return
     saved_path = out_dir / "config.yaml"
     if not saved_path.exists():
@@ -95,55 +103,46 @@ def check_reuse(out_dir: Path, current: dict[str, Any], restart: str) -> None:
         )
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 class RunLock:
-    """``.lock`` in the run folder for as long as the run writes there (a context manager)."""
+    """An exclusive ``flock`` on ``.lock`` in the run folder for as long as the run writes there.
+
+    The operating system drops the lock when the process ends, however it ends, so a killed run never
+    leaves a folder locked. The file names the holder, for the message another run gets.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / LOCK_NAME
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat()}
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.owner, handle)
-        return True
+        self.handle: Any = None
 
     def acquire(self) -> RunLock:
-        if self._create():
-            return self
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open until release()
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            holder = {}
-        pid, host = holder.get("pid"), holder.get("host")
-        if isinstance(pid, int) and host == self.owner["host"] and not _process_alive(pid):
-            warnings.warn(
-                f"{self.path} was left by process {pid}, which has ended; taking it over", stacklevel=2
-            )
-            self.path.unlink(missing_ok=True)
-            if self._create():
-                return self
-        raise SSLBenchError(
-            f"results folder {self.path.parent} is in use by process {pid} on {host} since "
-            f"{holder.get('since', '?')}: wait for it to finish or give another --out (if that process "
-            f"is gone, remove {self.path})"
-        )
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            handle.close()
+            raise SSLBenchError(
+                f"results folder {self.path.parent} is in use by process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} since {holder.get('since', '?')}: wait for it to finish or "
+                "give another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        json.dump(self.owner, handle)
+        handle.flush()
+        self.handle = handle
+        return self
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -29,7 +29,7 @@ from sslbench.atomic_io import write_text_atomic
 from sslbench.checkpoint import load_latest_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sslbench.config import TrainConfig
 from sslbench.diagnostics import embedding_diagnostics
-from sslbench.distributed import all_reduce_mean, any_rank, is_main, world_size
+from sslbench.distributed import all_reduce_mean, any_rank, gather_objects, is_main, on_main, rank, world_size
 from sslbench.errors import SSLBenchError
 from sslbench.method import Method, Step, StepOutput
 from sslbench.momentum import ema_update
@@ -211,18 +211,25 @@ def train_loop(
         guard.last_finite = resumed["last_finite_loss"]
         start_iteration, images_seen = resumed["iteration"], resumed["images_seen"]
         wall_before, monitor_before = resumed["wall_s"], resumed["monitor_s"]
-        restore_rng_state(resumed["rng"], checkpointing.augment_generator)
+        states = resumed["rng"]  # one per rank, so each rank continues its own draws
+        restore_rng_state(
+            states[rank()] if rank() < len(states) else states[0], checkpointing.augment_generator
+        )
 
     def save_records() -> None:
         if writes:
             write_text_atomic(pair_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
+    def save_records_together() -> None:
+        """Written by the main rank; its error (a full disk) reaches every rank, so none is left waiting."""
+        on_main(save_records)
+
     def watch(epoch: int) -> None:
         nonlocal aside
         due = monitor_every > 0 and (epoch % monitor_every == 0 or epoch == epochs)
-        if monitor is not None and writes and due:
+        if monitor is not None and due:
             began = time.perf_counter()
-            records.append({"kind": "monitor", "epoch": epoch, **monitor()})
+            records.append({"kind": "monitor", "epoch": epoch, **on_main(monitor)})  # main computes
             method.train()
             aside += time.perf_counter() - began
 
@@ -234,7 +241,9 @@ def train_loop(
         assert checkpointing is not None
         began = time.perf_counter()
         last_finite = guard.check()
-        if writes:
+        states = gather_objects(rng_state(checkpointing.augment_generator))
+
+        def write() -> None:
             payload = {
                 "iteration": completed,
                 "config_hash": checkpointing.config_hash,
@@ -245,9 +254,11 @@ def train_loop(
                 "images_seen": images_seen,
                 "wall_s": began - start - aside + wall_before,
                 "monitor_s": aside + monitor_before,
-                "rng": rng_state(checkpointing.augment_generator),
+                "rng": states,
             }
             save_checkpoint(checkpointing.pair_dir, payload, checkpointing.keep)
+
+        on_main(write)
         last_checkpoint = time.perf_counter()
         aside += last_checkpoint - began
 
@@ -306,7 +317,7 @@ def train_loop(
                 bar.update(1)
             loss = guard.check()
             watch(epoch + 1)
-            save_records()
+            save_records_together()
             if checkpointing is not None:
                 every = checkpointing.every_epochs
                 epoch_due = epoch == epochs - 1 or (every > 0 and (epoch + 1) % every == 0)

@@ -27,6 +27,7 @@ from sslbench.cli import main
 from sslbench.config import PRESETS
 from sslbench.datasets import DATASET_CHOICES, load_dataset
 from sslbench.errors import SSLBenchError
+from sslbench.run_folder import RunLock
 
 EVAL = ["--set", "eval.linear=false", "--set", "eval.train_per_class=2", "--set", "eval.test_per_class=2"]
 QUICK = ["--methods", "random", "--arch", "resnet18", "--device", "cpu", "--no-progress", *EVAL]
@@ -178,7 +179,7 @@ def test_unreadable_images_stop_the_run_naming_the_file(
     assert code == 2 and "Traceback" not in stderr
     assert f"{truncated}: not a readable image (image file is truncated" in stderr
     assert "drop unreadable images with --set bad_images=skip" in stderr
-    assert not (out / ".lock").exists()  # released on the way out
+    RunLock(out).acquire().release()  # released on the way out
 
 
 def test_skipped_images_are_counted_in_the_protocol(tmp_path: Path) -> None:

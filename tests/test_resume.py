@@ -179,3 +179,11 @@ def test_rng_state_includes_an_augmentation_generator():
     expected = torch.rand(4, generator=generator)
     restore_rng_state(state, generator)
     assert torch.equal(torch.rand(4, generator=generator), expected)
+
+
+def test_checkpoints_newer_than_a_resume_point_are_dropped(tmp_path):
+    """After resuming from 4 past an unreadable 6, the stale 6 must not hold one of the kept slots."""
+    for iteration in (2, 4, 6):
+        save_checkpoint(tmp_path, {"iteration": iteration, "config_hash": "h"}, keep=3)
+    save_checkpoint(tmp_path, {"iteration": 5, "config_hash": "h"}, keep=2)
+    assert [f.name for f in checkpoint_files(tmp_path)] == ["iter-00000004.pt", "iter-00000005.pt"]
