@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 
 from sslbench.augment import SMALL_IMAGE_MAX, build_view_transform, multi_crop
 from sslbench.datasets import IMAGENET_MEAN, IMAGENET_STD, ArraySource, TransformDataset
-from sslbench.gpu_augment import BatchViewAugmenter, ImageCanvas, canvas_size_for
+from sslbench.gpu_augment import BatchViewAugmenter
+from sslbench.image_canvas import ImageCanvas, canvas_size_for
 
 DISTINCT_IMAGES = 32  # random source images, cycled: enough to defeat caches, cheap to make
 

@@ -24,7 +24,7 @@ from sslbench.backbones import arch_spec
 from sslbench.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
 from sslbench.datasets import DatasetSplits, load_dataset, subset_indices
-from sslbench.distributed import init_distributed, is_main, on_main
+from sslbench.distributed import init_distributed, is_main, on_main, world_size
 from sslbench.environment import describe_environment
 from sslbench.errors import SSLBenchError
 from sslbench.image_files import BadImageError
@@ -84,9 +84,14 @@ def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> tu
 
 
 def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> None:
-    """A trainable pair needs at least one full batch of its training images."""
+    """A trainable pair needs at least one full batch of its training images, split evenly by rank."""
     if not plan.method_cls.trainable:
         return
+    if plan.train.batch_size % world_size():
+        raise SSLBenchError(
+            f"batch size {plan.train.batch_size} (the global batch) does not divide among {world_size()} "
+            "processes: use a multiple of the process count"
+        )
     per_class = plan.train.train_per_class
     images = (
         len(data.train)

@@ -28,7 +28,6 @@ from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
 from sslbench.datasets import DatasetSplits, ImageSource, SubsetSource, subset_indices
 from sslbench.diagnostics import collapse_verdict
 from sslbench.distributed import data_parallel, is_main, rank, sync_batch_norm, world_size
-from sslbench.errors import SSLBenchError
 from sslbench.evaluate import evaluate_method
 from sslbench.method import Method, TrainContext
 from sslbench.monitor import KnnMonitor
@@ -118,7 +117,8 @@ def training_data(
     recipe = method.view_recipe()
     make_views, generator = None, None
     if train_cfg.augment_on == "gpu":
-        from sslbench.gpu_augment import BatchViewAugmenter, ImageCanvas, canvas_size_for
+        from sslbench.gpu_augment import BatchViewAugmenter
+        from sslbench.image_canvas import ImageCanvas, canvas_size_for
 
         augmenter = BatchViewAugmenter.from_recipe(recipe, data.image_size, data.mean, data.std).to(device)
         transform: Callable[[Any], Any] = ImageCanvas(canvas_size_for(data.image_size))
@@ -168,17 +168,7 @@ def train_and_evaluate(
         train_source = SubsetSource(
             train_source, subset_indices(train_source.labels, train_cfg.train_per_class, config.seed)
         )
-    iterations_per_epoch = len(train_source) // train_cfg.batch_size
-    if plan.method_cls.trainable and iterations_per_epoch == 0:
-        raise SSLBenchError(
-            f"batch size {train_cfg.batch_size} is larger than the training set "
-            f"({len(train_source)} images): lower --batch-size"
-        )
-    if train_cfg.batch_size % world_size():
-        raise SSLBenchError(
-            f"batch size {train_cfg.batch_size} (the global batch) does not divide among {world_size()} "
-            "processes: use a multiple of the process count"
-        )
+    iterations_per_epoch = len(train_source) // train_cfg.batch_size  # >= 1: run_benchmark checked
     context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
     method = plan.method_cls(backbone, plan.method_options, context)
     method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
