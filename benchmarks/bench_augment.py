@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sslbench.augment import SMALL_IMAGE_MAX, build_view_transform, multi_crop
-from sslbench.datasets import IMAGENET_MEAN, IMAGENET_STD, ArraySource, TransformDataset
-from sslbench.gpu_augment import BatchViewAugmenter
-from sslbench.image_canvas import ImageCanvas, canvas_size_for
+from sslbench.base.small_images import SMALL_IMAGE_MAX
+from sslbench.data.augment import build_view_transform, multi_crop
+from sslbench.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ArraySource, TransformDataset
+from sslbench.data.gpu_augment import BatchViewAugmenter
+from sslbench.data.image_canvas import ImageCanvas, canvas_size_for
 
 DISTINCT_IMAGES = 32  # random source images, cycled: enough to defeat caches, cheap to make
 

@@ -1,4 +1,4 @@
-"""Time ``sslbench.evaluate.knn_classify`` at ImageNet-subset scale: 50,000 bank x 10,000 test features.
+"""Time ``sslbench.evaluation.knn.knn_classify`` at ImageNet-subset scale: 50,000 bank x 10,000 test features.
 
 Run: ``python benchmarks/bench_knn.py [--device cuda] [--train 50000 --test 10000 --dim 384]``.
 
@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sslbench.config import EvalConfig
-from sslbench.evaluate import knn_classify
+from sslbench.evaluation.knn import knn_classify
 
 MIB = 2**20
 

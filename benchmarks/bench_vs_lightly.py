@@ -76,9 +76,9 @@ from step_pair import (
     sslbench_side,
 )
 
-from sslbench.augment import crop_sizes
 from sslbench.config import TrainConfig
-from sslbench.training import precision_for
+from sslbench.data.augment import crop_sizes
+from sslbench.training.loop import precision_for
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, pinned: see the module docstring
 

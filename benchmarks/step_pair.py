@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from sslbench import Step, TrainContext, create_backbone, get_method
-from sslbench.augment import crop_sizes
-from sslbench.backbones import arch_spec
 from sslbench.config import TrainConfig
+from sslbench.data.augment import crop_sizes
 from sslbench.method import Method
-from sslbench.optim import build_optimizer, parameter_groups
-from sslbench.training import memory_format_for, optimization_step, precision_for
+from sslbench.models.backbones import arch_spec
+from sslbench.training.loop import memory_format_for, optimization_step, precision_for
+from sslbench.training.optim import build_optimizer, parameter_groups
 
 METHODS = ("dino", "byol", "simclr")
 IMPLS = ("sslbench", "lightly")

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from sslbench import Method, StepOutput, multicrop_forward, register_method
-from sslbench.augment import two_views
-from sslbench.heads import MLPHead
+from sslbench import Method, MLPHead, StepOutput, multicrop_forward, register_method, two_views
 
 
 @dataclass

@@ -20,12 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
-from sslbench.augment import ViewRecipe, two_views
-from sslbench.backbones import multicrop_forward
-from sslbench.heads import MLPHead
-from sslbench.losses import byol_loss
-from sslbench.momentum import ema_copy
+from sslbench import (
+    Backbone,
+    Method,
+    MLPHead,
+    Step,
+    StepOutput,
+    TrainContext,
+    ViewRecipe,
+    byol_loss,
+    ema_copy,
+    multicrop_forward,
+    register_method,
+    two_views,
+)
 
 LARS_RECIPE = {
     "optimizer": "lars",

@@ -24,14 +24,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslbench import Backbone, Method, SSLBenchError, Step, StepOutput, TrainContext, register_method
-from sslbench.augment import ViewRecipe, multi_crop
-from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
-from sslbench.diagnostics import entropy
-from sslbench.heads import DINOHead, MLPHead
-from sslbench.losses import dino_loss, dino_mse_loss, dino_pairs, updated_center
-from sslbench.momentum import ema_copy
-from sslbench.schedules import linear_warmup_then_constant
+from sslbench import (
+    SMALL_IMAGE_MAX,
+    Backbone,
+    DINOHead,
+    Method,
+    MLPHead,
+    SSLBenchError,
+    Step,
+    StepOutput,
+    TrainContext,
+    ViewRecipe,
+    dino_loss,
+    dino_mse_loss,
+    dino_pairs,
+    ema_copy,
+    entropy,
+    linear_warmup_then_constant,
+    multi_crop,
+    multicrop_forward,
+    register_method,
+    updated_center,
+)
 
 LOSSES = {"cross_entropy": dino_loss, "mse": dino_mse_loss}
 

@@ -18,11 +18,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
-from sslbench.augment import ViewRecipe, two_views
-from sslbench.backbones import SMALL_IMAGE_MAX, multicrop_forward
-from sslbench.heads import MLPHead
-from sslbench.losses import nt_xent_loss
+from sslbench import (
+    SMALL_IMAGE_MAX,
+    Backbone,
+    Method,
+    MLPHead,
+    Step,
+    StepOutput,
+    TrainContext,
+    ViewRecipe,
+    multicrop_forward,
+    nt_xent_loss,
+    register_method,
+    two_views,
+)
 
 # CIFAR-10 (reference code's CIFAR command): LARS, lr 1.0 x B/256, wd 1e-4, 10 warm-up epochs.
 LARS_CIFAR_RECIPE = {

@@ -11,9 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench import Backbone, Method, Step, StepOutput, TrainContext, register_method
-from sslbench.augment import ViewRecipe, two_views
-from sslbench.backbones import multicrop_forward
+from sslbench import (
+    Backbone,
+    Method,
+    Step,
+    StepOutput,
+    TrainContext,
+    ViewRecipe,
+    multicrop_forward,
+    register_method,
+    two_views,
+)
 
 SGD_RECIPE = {
     "optimizer": "sgd",

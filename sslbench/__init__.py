@@ -1,32 +1,76 @@
 """sslbench: a pluggable benchmark for self-supervised visual representation learning.
 
-The public API for method authors: subclass ``Method``, decorate it with ``register_method``, and
-use the shared pieces (heads, losses, EMA, multi-crop forward) it is written with.
+The public API, the one place a method file imports from: subclass ``Method``, decorate it with
+``register_method``, and build it from the shared pieces listed in ``__all__`` (backbones and their
+multi-crop forward, heads, EMA teachers, view recipes, losses, schedules, collectives, diagnostics).
 """
 
-from sslbench.backbones import ARCHS, Backbone, create_backbone, multicrop_forward
-from sslbench.errors import SSLBenchError
-from sslbench.method import Method, NoOptions, Step, StepOutput, TrainContext
-from sslbench.momentum import ema_copy, ema_update
-from sslbench.registry import get_method, list_methods, load_plugin_file, register_method
+from sslbench import legacy_paths
+from sslbench.base.collectives import all_reduce_mean, gather_with_grad, rank, world_size
+from sslbench.base.errors import SSLBenchError
+from sslbench.base.schedules import cosine_schedule, linear_warmup_then_constant
+from sslbench.base.small_images import SMALL_IMAGE_MAX
+from sslbench.data.augment import ViewRecipe, multi_crop, two_views
+from sslbench.evaluation.diagnostics import entropy
+from sslbench.losses import byol_loss, dino_loss, dino_mse_loss, dino_pairs, nt_xent_loss, updated_center
+from sslbench.method import (
+    Method,
+    NoOptions,
+    Step,
+    StepOutput,
+    TrainContext,
+    get_method,
+    list_methods,
+    load_plugin_file,
+    register_method,
+)
+from sslbench.models.backbones import ARCHS, Backbone, create_backbone, multicrop_forward
+from sslbench.models.heads import DINOHead, MLPHead
+from sslbench.models.momentum import ema_copy, ema_update
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHS",
-    "Backbone",
+    # the method interface and the registry
     "Method",
     "NoOptions",
-    "SSLBenchError",
     "Step",
     "StepOutput",
     "TrainContext",
-    "create_backbone",
-    "ema_copy",
-    "ema_update",
     "get_method",
     "list_methods",
     "load_plugin_file",
-    "multicrop_forward",
     "register_method",
+    # networks
+    "ARCHS",
+    "Backbone",
+    "DINOHead",
+    "MLPHead",
+    "create_backbone",
+    "ema_copy",
+    "ema_update",
+    "multicrop_forward",
+    # views
+    "SMALL_IMAGE_MAX",
+    "ViewRecipe",
+    "multi_crop",
+    "two_views",
+    # losses
+    "byol_loss",
+    "dino_loss",
+    "dino_mse_loss",
+    "dino_pairs",
+    "nt_xent_loss",
+    "updated_center",
+    # schedules, collectives over ranks, diagnostics, errors
+    "SSLBenchError",
+    "all_reduce_mean",
+    "cosine_schedule",
+    "entropy",
+    "gather_with_grad",
+    "linear_warmup_then_constant",
+    "rank",
+    "world_size",
 ]
+
+legacy_paths.install()

@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sslbench.backbones import ARCHS
+from sslbench.base.errors import SSLBenchError
 from sslbench.config import PRESETS, RunConfig, load_preset, load_yaml, parse_set, preset_text, resolve_config
-from sslbench.datasets import DATASET_CHOICES
-from sslbench.distributed import shutdown_distributed
-from sslbench.errors import SSLBenchError
-from sslbench.registry import list_methods, load_plugin_file
+from sslbench.data.datasets import DATASET_CHOICES
+from sslbench.method.registry import list_methods, load_plugin_file
+from sslbench.models.backbones import ARCHS
+from sslbench.training.distributed import shutdown_distributed
 
 if TYPE_CHECKING:
-    from sslbench.experiment import RunOutcome
+    from sslbench.training.experiment import RunOutcome
 
 
 def _csv(text: str) -> list[str]:
@@ -180,8 +180,8 @@ def _finish(outcome: RunOutcome, text: str, started: float) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from sslbench.experiment import run_benchmark
-    from sslbench.report import format_table_text
+    from sslbench.reporting.tables import format_table_text
+    from sslbench.training.experiment import run_benchmark
 
     config = _resolve_run_config(args)
     started = time.perf_counter()
@@ -192,8 +192,8 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_ablate(args: argparse.Namespace) -> int:
-    from sslbench.ablation import ablation_table, variants_for, write_ablation_table
-    from sslbench.experiment import run_benchmark
+    from sslbench.training.ablation import ablation_table, variants_for, write_ablation_table
+    from sslbench.training.experiment import run_benchmark
 
     config = _resolve_run_config(args, {"methods": [args.method]})
     variants = variants_for(args.method, config, args.vary)
@@ -210,7 +210,7 @@ def command_ablate(args: argparse.Namespace) -> int:
 
 
 def command_attention(args: argparse.Namespace) -> int:
-    from sslbench.attention import write_attention_report
+    from sslbench.evaluation.attention import write_attention_report
 
     written = write_attention_report(args.run, args.out, args.images, args.masks, args.mass)
     print("wrote\n  " + "\n  ".join(str(path) for path in written))
@@ -234,8 +234,8 @@ def command_list() -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from sslbench.plots import write_collapse_diagnostics, write_training_curves
-    from sslbench.report import format_table_text, load_results, write_report
+    from sslbench.reporting.plots import write_collapse_diagnostics, write_training_curves
+    from sslbench.reporting.tables import format_table_text, load_results, write_report
 
     results = load_results(args.runs)
     out_dir = Path(args.out) if args.out else Path(args.runs[0])

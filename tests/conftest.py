@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from sslbench import registry
+from sslbench.method import registry
 
 
 @pytest.fixture(scope="session", autouse=True)

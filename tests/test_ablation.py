@@ -18,18 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from sslbench import create_backbone, get_method, list_methods, multicrop_forward
-from sslbench.ablation import (
-    dino_variants,
-    variants_for,
-)
+from sslbench.base.schedules import cosine_schedule
 from sslbench.config import RunConfig, config_to_dict, resolve_config
-from sslbench.experiment import Variant
 from sslbench.losses import dino_loss, dino_mse_loss
 from sslbench.method import Method, Step, TrainContext
-from sslbench.optim import build_optimizer, parameter_groups
-from sslbench.runner import PairPlan, plan_pair
-from sslbench.schedules import cosine_schedule
-from sslbench.training import optimization_step
+from sslbench.training.ablation import dino_variants, variants_for
+from sslbench.training.experiment import Variant
+from sslbench.training.loop import optimization_step
+from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.runner import PairPlan, plan_pair
 
 CPU = torch.device("cpu")
 ARCH = "vit_tiny16"

@@ -12,20 +12,20 @@ import pandas as pd
 import pytest
 import torch
 
-from sslbench.ablation import (
+from sslbench.base.errors import SSLBenchError
+from sslbench.cli import main
+from sslbench.config import RunConfig, config_to_dict, resolve_config
+from sslbench.method.registry import get_method, list_methods
+from sslbench.reporting.tables import load_results
+from sslbench.training.ablation import (
     ablation_table,
     dino_variants,
     variants_for,
     vary_variants,
     write_ablation_table,
 )
-from sslbench.cli import main
-from sslbench.config import RunConfig, config_to_dict, resolve_config
-from sslbench.errors import SSLBenchError
-from sslbench.experiment import Variant
-from sslbench.registry import get_method, list_methods
-from sslbench.report import load_results
-from sslbench.runner import PairPlan, plan_pair
+from sslbench.training.experiment import Variant
+from sslbench.training.runner import PairPlan, plan_pair
 
 ARCH = "vit_tiny16"
 NAMES = ["full", "no_centering", "no_sharpening", "no_momentum_teacher", "mse_loss", "with_predictor",

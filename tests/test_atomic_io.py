@@ -11,9 +11,9 @@ import stat
 
 import pytest
 
-from sslbench import atomic_io
-from sslbench.atomic_io import atomic_path, write_json_atomic, write_text_atomic
-from sslbench.errors import SSLBenchError
+from sslbench.base import atomic_io
+from sslbench.base.atomic_io import atomic_path, write_json_atomic, write_text_atomic
+from sslbench.base.errors import SSLBenchError
 
 
 def test_write_replaces_whole_file_and_leaves_no_temporary(tmp_path):

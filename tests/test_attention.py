@@ -11,7 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
-from sslbench.attention import (
+from sslbench.base.errors import SSLBenchError
+from sslbench.data.datasets import load_dataset
+from sslbench.evaluation.attention import (
     _default_images,
     cls_attention,
     cls_attention_tokens,
@@ -19,9 +21,7 @@ from sslbench.attention import (
     mass_mask,
     write_attention_report,
 )
-from sslbench.backbones import create_backbone
-from sslbench.datasets import load_dataset
-from sslbench.errors import SSLBenchError
+from sslbench.models.backbones import create_backbone
 
 
 @pytest.fixture(scope="module")

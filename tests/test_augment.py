@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from sslbench.augment import (
+from sslbench.data.augment import (
     MultiViewTransform,
     ViewRecipe,
     build_eval_transform,

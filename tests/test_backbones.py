@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from sslbench import SSLBenchError
-from sslbench.augment import crop_sizes
-from sslbench.backbones import (
+from sslbench.base.small_images import SMALL_IMAGE_MAX
+from sslbench.data.augment import crop_sizes
+from sslbench.models.backbones import (
     ARCHS,
-    SMALL_IMAGE_MAX,
     VIT_LINEAR_BLOCKS,
     Backbone,
     arch_spec,

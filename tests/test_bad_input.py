@@ -21,13 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sslbench import registry
-from sslbench.backbones import ARCHS
+from sslbench.base.errors import SSLBenchError
 from sslbench.cli import main
 from sslbench.config import PRESETS
-from sslbench.datasets import DATASET_CHOICES, load_dataset
-from sslbench.errors import SSLBenchError
-from sslbench.run_folder import RunLock
+from sslbench.data.datasets import DATASET_CHOICES, load_dataset
+from sslbench.method import registry
+from sslbench.models.backbones import ARCHS
+from sslbench.training.run_folder import RunLock
 
 EVAL = ["--set", "eval.linear=false", "--set", "eval.train_per_class=2", "--set", "eval.test_per_class=2"]
 QUICK = ["--methods", "random", "--arch", "resnet18", "--device", "cpu", "--no-progress", *EVAL]
@@ -263,8 +263,7 @@ def test_cuda_requested_without_a_gpu(capsys: pytest.CaptureFixture[str], tmp_pa
 
 RAISING_PLUGIN = 'raise RuntimeError("cannot find libfoo")\n'
 BOOM_PLUGIN = """\
-from sslbench import Method, register_method
-from sslbench.augment import two_views
+from sslbench import Method, register_method, two_views
 
 
 @register_method("boom")

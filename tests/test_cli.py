@@ -21,7 +21,7 @@ import torch
 
 from sslbench.cli import main
 from sslbench.config import load_yaml, resolve_config
-from sslbench.registry import list_methods
+from sslbench.method.registry import list_methods
 
 TINY = [
     "--epochs", "1", "--batch-size", "8", "--no-progress",
@@ -306,8 +306,7 @@ def test_batch_larger_than_the_dataset_is_refused_before_training(tmp_path: Path
 
 
 BOOM_PLUGIN = """\
-from sslbench import Method, register_method
-from sslbench.augment import two_views
+from sslbench import Method, register_method, two_views
 
 
 @register_method("boom")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from sslbench import experiment
+from sslbench.base.errors import SSLBenchError
 from sslbench.cli import main
 from sslbench.config import (
     PRESETS,
@@ -25,9 +25,9 @@ from sslbench.config import (
     parse_set,
     resolve_config,
 )
-from sslbench.errors import SSLBenchError
-from sslbench.registry import get_method, list_methods
-from sslbench.runner import plan_pair
+from sslbench.method.registry import get_method, list_methods
+from sslbench.training import experiment
+from sslbench.training.runner import plan_pair
 
 CPU = torch.device("cpu")
 

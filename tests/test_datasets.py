@@ -13,7 +13,8 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
-from sslbench.datasets import (
+from sslbench.base.errors import SSLBenchError
+from sslbench.data.datasets import (
     DATASET_CHOICES,
     ArraySource,
     FileSource,
@@ -22,8 +23,7 @@ from sslbench.datasets import (
     load_dataset,
     subset_indices,
 )
-from sslbench.errors import SSLBenchError
-from sslbench.image_files import BadImageError, image_problem
+from sslbench.data.image_files import BadImageError, image_problem
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ZIP = REPO.parent / "shared" / "data" / "cifar10.zip"

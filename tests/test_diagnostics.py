@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslbench.diagnostics import (
-    COLLAPSE_ENTROPY_EDGE,
-    COLLAPSE_KL,
-    COLLAPSE_STD_RATIO,
+from sslbench.base.collapse_criteria import COLLAPSE_ENTROPY_EDGE, COLLAPSE_KL, COLLAPSE_STD_RATIO
+from sslbench.evaluation.diagnostics import (
     collapse_verdict,
     effective_rank,
     embedding_diagnostics,

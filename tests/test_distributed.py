@@ -19,9 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from sslbench.datasets import ArraySource
-from sslbench.distributed import CrossRankBatchNorm, gather_with_grad, on_main, sync_batch_norm
-from sslbench.sampling import EpochSampler, SeededViews, sample_seed
+from sslbench.base.collectives import gather_with_grad, on_main
+from sslbench.data.datasets import ArraySource
+from sslbench.data.sampling import EpochSampler, SeededViews, sample_seed
+from sslbench.training.distributed import CrossRankBatchNorm, sync_batch_norm
 
 PAIRS = ["dino-resnet18", "simclr-resnet18", "byol-resnet18"]
 RUN_ARGS = [
@@ -137,7 +138,7 @@ def test_one_process_pieces_are_the_identity():
 def test_cross_rank_batch_norm_formula_matches_batch_norm(monkeypatch, shape):
     """Its own statistics path (taken when distributed), with a one-rank all-reduce: BatchNorm's
     output, gradients and running statistics."""
-    import sslbench.distributed as distributed
+    import sslbench.training.distributed as distributed
 
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed.dist_fn, "all_reduce", lambda tensor: tensor)

@@ -9,15 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslbench.errors import SSLBenchError
-from sslbench.evaluate import (
-    LinearProbeResult,
-    _holdout_split,
-    _train_probe,
-    extract_features,
-    knn_classify,
-    linear_probe,
-)
+from sslbench.base.errors import SSLBenchError
+from sslbench.evaluation.features import extract_features
+from sslbench.evaluation.knn import knn_classify
+from sslbench.evaluation.linear_probe import LinearProbeResult, _holdout_split, _train_probe, linear_probe
 
 
 def _clusters(n_per_class: int, num_classes: int = 5, dim: int = 16, spread: float = 0.5, seed: int = 0):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from sslbench.base.errors import SSLBenchError
 from sslbench.config import RunConfig, resolve_config
-from sslbench.errors import SSLBenchError
-from sslbench.experiment import resolve_device, run_benchmark
-from sslbench.registry import list_methods, load_plugin_file
+from sslbench.method.registry import list_methods, load_plugin_file
+from sslbench.training.experiment import resolve_device, run_benchmark
 
 
 def test_a_folder_that_holds_a_run_is_not_written_into(tmp_path):
@@ -48,7 +48,7 @@ def test_cpu_device_resolves_and_a_missing_gpu_is_explained():
 
 
 def test_a_variant_may_not_change_the_data_or_the_pairs(tmp_path):
-    from sslbench.experiment import Variant
+    from sslbench.training.experiment import Variant
 
     config = RunConfig(methods=["random"], archs=["resnet18"], out=str(tmp_path / "run"))
     with pytest.raises(SSLBenchError, match="variant 'other_data' changes dataset"):

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import sslbench.evaluate as evaluate
+import sslbench.evaluation.features as features
 from sslbench import TrainContext, create_backbone, get_method
 from sslbench.config import RunConfig, resolve_config
-from sslbench.datasets import ArraySource, DatasetSplits
-from sslbench.evaluate import evaluate_method, weights_digest
+from sslbench.data.datasets import ArraySource, DatasetSplits
+from sslbench.evaluation.evaluate import evaluate_method
+from sslbench.evaluation.features import weights_digest
 
 CPU = torch.device("cpu")
 
@@ -42,7 +43,7 @@ def test_features_are_extracted_once_and_read_back(small, tmp_path, monkeypatch)
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(evaluate, "extract_features", no_extraction)
+    monkeypatch.setattr(features, "extract_features", no_extraction)
     assert evaluate_method(method, config, data, CPU, tmp_path) == first
 
 

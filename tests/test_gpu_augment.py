@@ -22,16 +22,10 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from sslbench import gpu_photometric as P
-from sslbench.augment import build_view_transform, multi_crop, two_views
-from sslbench.gpu_augment import (
-    BatchViewAugmenter,
-    ViewParams,
-    ViewSpec,
-    sample_view_params,
-    view_spec,
-)
-from sslbench.image_canvas import ImageCanvas, canvas_size_for
+from sslbench.data import gpu_photometric as P
+from sslbench.data.augment import build_view_transform, multi_crop, two_views
+from sslbench.data.gpu_augment import BatchViewAugmenter, ViewParams, ViewSpec, sample_view_params, view_spec
+from sslbench.data.image_canvas import ImageCanvas, canvas_size_for
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

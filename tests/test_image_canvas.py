@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sslbench.image_canvas import ImageCanvas, canvas_size_for
+from sslbench.data.image_canvas import ImageCanvas, canvas_size_for
 
 
 def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:

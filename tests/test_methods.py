@@ -18,12 +18,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sslbench import Backbone, Method, Step, StepOutput, TrainContext, create_backbone
-from sslbench.augment import ViewRecipe, build_view_transform
 from sslbench.config import TrainConfig
+from sslbench.data.augment import ViewRecipe, build_view_transform
 from sslbench.losses import byol_loss
-from sslbench.momentum import ema_update
-from sslbench.optim import build_optimizer, parameter_groups
-from sslbench.registry import get_method, list_methods
+from sslbench.method.registry import get_method, list_methods
+from sslbench.models.momentum import ema_update
+from sslbench.training.optim import build_optimizer, parameter_groups
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE = 32

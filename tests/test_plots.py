@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 
-from sslbench.plots import BASE_COLUMNS, load_metrics, write_collapse_diagnostics, write_training_curves
+from sslbench.reporting.plots import (
+    BASE_COLUMNS,
+    load_metrics,
+    write_collapse_diagnostics,
+    write_training_curves,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEALTHY = 1 / math.sqrt(64)

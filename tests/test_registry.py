@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from sslbench import Method, SSLBenchError, registry
-from sslbench.registry import ENTRY_POINT_GROUP, get_method, list_methods, load_plugin_file, register_method
+from sslbench import Method, SSLBenchError
+from sslbench.method import registry
+from sslbench.method.registry import (
+    ENTRY_POINT_GROUP,
+    get_method,
+    list_methods,
+    load_plugin_file,
+    register_method,
+)
 
 BUILT_INS = {
     "dino": "sslbench_methods.dino",
@@ -233,10 +240,7 @@ MY_METHOD = '''\
 
 from dataclasses import dataclass
 
-from sslbench import Method, StepOutput, multicrop_forward, register_method
-from sslbench.augment import two_views
-from sslbench.heads import MLPHead
-from sslbench.losses import nt_xent_loss
+from sslbench import MLPHead, Method, StepOutput, multicrop_forward, nt_xent_loss, register_method, two_views
 
 
 @dataclass

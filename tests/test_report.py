@@ -11,8 +11,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from sslbench.errors import SSLBenchError
-from sslbench.report import (
+from sslbench.base.errors import SSLBenchError
+from sslbench.reporting.tables import (
     comparison_table,
     format_table_text,
     load_results,

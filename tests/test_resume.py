@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslbench.checkpoint import (
+from sslbench.training.checkpoint import (
     checkpoint_files,
     load_latest_checkpoint,
     restore_rng_state,
@@ -99,8 +99,8 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
 def _train(out: Path, resume: bool) -> torch.nn.Module:
     from sslbench import TrainContext, create_backbone, get_method
     from sslbench.config import TrainConfig
-    from sslbench.sampling import EpochSampler, SeededViews
-    from sslbench.training import Checkpointing, train_loop
+    from sslbench.data.sampling import EpochSampler, SeededViews
+    from sslbench.training.loop import Checkpointing, train_loop
 
     torch.manual_seed(0)
     method_cls = get_method("byol")

@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
+from sslbench.base.errors import SSLBenchError
 from sslbench.cli import main
-from sslbench.errors import SSLBenchError
-from sslbench.run_folder import RunLock, check_reuse, config_differences, new_run_dir
+from sslbench.training.run_folder import RunLock, check_reuse, config_differences, new_run_dir
 
 TINY = [
     "run",
@@ -43,7 +43,7 @@ def test_a_folder_in_use_is_refused_with_its_owner(tmp_path):
 def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
     """The lock is the operating system's, so it ends with the process, however it ends."""
     script = (
-        "import os, pathlib; from sslbench.run_folder import RunLock; "
+        "import os, pathlib; from sslbench.training.run_folder import RunLock; "
         f"RunLock(pathlib.Path({str(tmp_path)!r})).acquire(); os._exit(9)"  # no release: killed
     )
     subprocess.run([sys.executable, "-c", script], check=False)

@@ -12,13 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from sslbench import Backbone, Method, SSLBenchError, Step, StepOutput, TrainContext, create_backbone
-from sslbench.augment import ViewRecipe, build_view_transform, two_views
+from sslbench.base.schedules import cosine_schedule
 from sslbench.config import RunConfig, TrainConfig
-from sslbench.datasets import ArraySource, TransformDataset
-from sslbench.registry import get_method, list_methods
-from sslbench.runner import plan_pair
-from sslbench.schedules import cosine_schedule
-from sslbench.training import train_loop
+from sslbench.data.augment import ViewRecipe, build_view_transform, two_views
+from sslbench.data.datasets import ArraySource, TransformDataset
+from sslbench.method.registry import get_method, list_methods
+from sslbench.training.loop import train_loop
+from sslbench.training.runner import plan_pair
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE = 32

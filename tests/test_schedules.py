@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sslbench.schedules import cosine_schedule, linear_warmup_then_constant
+from sslbench.base.schedules import cosine_schedule, linear_warmup_then_constant
 
 
 def reference_cosine(base, final, epochs, ipe, warmup_epochs=0, start_warmup_value=0.0):

@@ -12,10 +12,10 @@ import torch
 
 from sslbench import SSLBenchError, Step, TrainContext, create_backbone, get_method
 from sslbench.config import RunConfig, TrainConfig, resolve_config
-from sslbench.datasets import ArraySource, DatasetSplits
-from sslbench.optim import build_optimizer, parameter_groups
-from sslbench.runner import compile_backbones, training_data
-from sslbench.training import LossGuard
+from sslbench.data.datasets import ArraySource, DatasetSplits
+from sslbench.training.loop import LossGuard
+from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.runner import compile_backbones, training_data
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,103 @@
+"""Collectives over the ranks of a distributed run, for every part that computes over the whole batch.
+
+Losses need them (DINO's center averaged over every rank, SimCLR's negatives gathered from every rank),
+and so do the loop's checks and the rank-0-only writes. Outside torchrun (no process group) each one is
+the identity, so the single-process path has no branches of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """Only the main rank evaluates and writes results; the others train and wait."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """The mean over ranks of a tensor every rank holds (no gradient)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def _collective_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo, CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order (a list of one outside torchrun)."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any: a decision all ranks act on together."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0, in rank order; the gradient of each slice
+    returns to the rank that produced it (summed over the ranks that used it)."""
+    if not is_distributed():
+        return tensor
+    return torch.cat(dist_fn.all_gather(tensor))
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the main rank and give its result, or its error, to every rank.
+
+    Checks before training (a refused results folder, a chosen folder name) must agree on all ranks, or
+    the others would wait forever for a rank that stopped.
+    """
+    if not is_distributed():
+        return fn()
+    payload: list[Any] = [None]
+    if is_main():
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as error:
+            payload[0] = ("error", error)
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise value
+    return value

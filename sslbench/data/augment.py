@@ -1,0 +1,291 @@
+"""Augmentations and the papers' view recipes, sized from the dataset's resolution.
+
+Every method sees its views through this module, so a comparison between methods differs only in the
+recipe each paper prescribes, never in how a crop or a blur happens to be implemented. The recipes
+follow the reference code at 224 px; below that the crop sizes and the blur shrink with the image
+(see ``crop_sizes`` and ``gaussian_blur``) so that a 32 px image is not wiped out.
+
+All transforms are torchvision v1 transforms on PIL images; their randomness comes from torch's
+global generator, so ``torch.manual_seed`` makes a run repeatable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from sslbench.base.small_images import SMALL_IMAGE_MAX
+
+# The reference recipes are written for 224 px crops; blur sigmas are quoted at this size.
+_REFERENCE_SIZE = 224
+
+_BICUBIC = InterpolationMode.BICUBIC
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """Which views a method needs. kind: 'symmetric' (SimCLR), 'asymmetric' (BYOL), 'multicrop' (DINO)."""
+
+    kind: Literal["symmetric", "asymmetric", "multicrop"]
+    num_local_crops: int = 0
+    global_scale: tuple[float, float] = (0.08, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+    def __post_init__(self) -> None:
+        # Fail at construction, not deep inside a data-loader worker.
+        if self.kind not in ("symmetric", "asymmetric", "multicrop"):
+            raise ValueError(f"unknown view recipe kind {self.kind!r}")
+        if self.num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
+        if self.num_local_crops and self.kind != "multicrop":
+            raise ValueError(f"local crops need kind='multicrop', got kind={self.kind!r}")
+        for name, (low, high) in (("global_scale", self.global_scale), ("local_scale", self.local_scale)):
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+
+    @property
+    def num_views(self) -> int:
+        """Views per image: two global views plus the local crops."""
+        return 2 + self.num_local_crops
+
+    def describe(self, image_size: int) -> str:
+        """Crop sizes as recorded in result tables, e.g. ``2x32`` or ``2x32 + 6x16``."""
+        global_size, local_size = crop_sizes(image_size)
+        text = f"2x{global_size}"
+        if self.num_local_crops:
+            text += f" + {self.num_local_crops}x{local_size}"
+        return text
+
+
+def two_views(asymmetric: bool = False) -> ViewRecipe:
+    """Two global views: SimCLR's identical pair, or BYOL's asymmetric pair when ``asymmetric``."""
+    return ViewRecipe(kind="asymmetric" if asymmetric else "symmetric")
+
+
+def multi_crop(
+    num_local_crops: int,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+) -> ViewRecipe:
+    """DINO's multi-crop: two global crops plus ``num_local_crops`` small local crops (defaults as DINO)."""
+    return ViewRecipe("multicrop", num_local_crops, tuple(global_scale), tuple(local_scale))
+
+
+def crop_sizes(image_size: int) -> tuple[int, int]:
+    """(global, local) crop size: (224, 96) at 224 px; at <= 64 px the local crop is image_size // 2
+    (32 -> 16); otherwise round(image_size * 96 / 224)."""
+    if image_size < 2:
+        raise ValueError(f"image_size must be >= 2, got {image_size}")
+    if image_size <= SMALL_IMAGE_MAX:
+        return image_size, image_size // 2
+    return image_size, round(image_size * 96 / _REFERENCE_SIZE)
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, RGBA, P, CMYK, 16-bit) as RGB: jitter and 3-channel normalisation need RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency converts cleanly only through RGBA
+    return image.convert("RGB")
+
+
+class _ToRGB:
+    """Picklable wrapper of ``rgb_image``, so the pipelines survive spawn-based data-loader workers."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return rgb_image(image)
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def to_rgb() -> Callable[[Image.Image], Image.Image]:
+    """Convert L/LA/RGBA/P/CMYK to RGB: colour jitter and the 3-channel normalisation need RGB input."""
+    return _ToRGB()
+
+
+def random_resized_crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
+    """Random crop resized to ``size``; bicubic as in DINO's reference code."""
+    return T.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC)
+
+
+def color_jitter(
+    brightness: float, contrast: float, saturation: float, hue: float, p: float
+) -> T.RandomApply:
+    """ColorJitter applied with probability ``p``, as all three papers do."""
+    return T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=p)
+
+
+def random_grayscale(p: float) -> T.RandomGrayscale:
+    """Grayscale with 3 output channels, so the view still matches the 3-channel backbone."""
+    return T.RandomGrayscale(p=p)
+
+
+def flip_and_color_jitter(
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+) -> T.Compose:
+    """Flip, jitter and grayscale: the photometric block every recipe shares (DINO/BYOL defaults)."""
+    return T.Compose(
+        [
+            T.RandomHorizontalFlip(p=0.5),
+            color_jitter(brightness, contrast, saturation, hue, jitter_p),
+            random_grayscale(grayscale_p),
+        ]
+    )
+
+
+def gaussian_blur(p: float, image_size: int) -> T.RandomApply:
+    """Gaussian blur with probability ``p`` on a crop of ``image_size`` pixels.
+
+    The references draw sigma from (0.1, 2.0) at 224 px (SimCLR also uses a kernel of 10% of the
+    image). Applied unchanged to a 32 px crop that would erase the image, so the sigma range is scaled
+    by ``image_size / 224`` and the kernel is the odd size nearest 10% of the crop (at least 3). At
+    224 px this gives the reference sigma range and a 23 px kernel.
+    """
+    factor = image_size / _REFERENCE_SIZE
+    kernel = max(3, int(0.1 * image_size))
+    kernel += 1 - kernel % 2
+    blur = T.GaussianBlur(kernel_size=kernel, sigma=(0.1 * factor, 2.0 * factor))
+    return T.RandomApply([blur], p=p)
+
+
+def solarize(p: float) -> T.RandomSolarize:
+    """Invert pixels >= 128 with probability ``p`` (PIL ``ImageOps.solarize``), as BYOL and DINO."""
+    return T.RandomSolarize(threshold=128, p=p)
+
+
+def normalize(mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """PIL image to a float tensor normalised with the dataset's statistics."""
+    return T.Compose([T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
+
+
+# --- recipes -----------------------------------------------------------------------------------------
+
+
+class MultiViewTransform:
+    """Callable: PIL image (any mode: L, RGBA, P, RGB) -> list[Tensor] of normalised float views,
+    global crops first then local crops.
+
+    The per-view pipelines stay public attributes so that tests and run records can inspect them.
+    """
+
+    def __init__(
+        self,
+        global_views: Sequence[Callable[[Image.Image], torch.Tensor]],
+        local_view: Callable[[Image.Image], torch.Tensor] | None = None,
+        num_local_crops: int = 0,
+    ) -> None:
+        if num_local_crops and local_view is None:
+            raise ValueError("num_local_crops > 0 needs a local_view pipeline")
+        self.global_views = tuple(global_views)
+        self.local_view = local_view
+        self.num_local_crops = num_local_crops
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        views = [pipeline(image) for pipeline in self.global_views]
+        if self.local_view is not None:
+            views.extend(self.local_view(image) for _ in range(self.num_local_crops))
+        return views
+
+    def __repr__(self) -> str:
+        lines = [f"  global view {i}: {view!r}" for i, view in enumerate(self.global_views)]
+        if self.local_view is not None and self.num_local_crops:
+            lines.append(f"  {self.num_local_crops} x local view: {self.local_view!r}")
+        return "MultiViewTransform(\n" + "\n".join(lines) + "\n)"
+
+
+def _view_pipeline(
+    crop_size: int,
+    scale: tuple[float, float],
+    photometric: T.Compose,
+    blur_p: float,
+    solarize_p: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> T.Compose:
+    """One view in the order all three references use; steps with probability 0 are left out."""
+    steps: list[Callable] = [to_rgb(), random_resized_crop(crop_size, scale), photometric]
+    if blur_p > 0:
+        steps.append(gaussian_blur(blur_p, crop_size))
+    if solarize_p > 0:
+        steps.append(solarize(solarize_p))
+    steps.append(normalize(mean, std))
+    return T.Compose(steps)
+
+
+def build_view_transform(
+    recipe: ViewRecipe, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> MultiViewTransform:
+    """The paper's views for ``recipe`` at the dataset's resolution.
+
+    - symmetric, SimCLR (Chen et al. 2020, arXiv 2002.05709, Appendix A): crop, flip,
+      ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8, grayscale p=0.2, blur p=0.5; at <= 64 px the
+      paper's CIFAR recipe: strength s=0.5 and no blur (s=1.0 otherwise). Both views alike.
+    - asymmetric, BYOL (Grill et al. 2020, arXiv 2006.07733, Table 6): crop, flip,
+      ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 0 blur p=1.0, solarize p=0;
+      view 1 blur p=0.1, solarize p=0.2.
+    - multicrop, DINO (Caron et al. 2021, arXiv 2104.14294, ``DataAugmentationDINO``): the BYOL
+      photometric block on every crop; global crop 0 blur p=1.0; global crop 1 blur p=0.1,
+      solarize p=0.2; each local crop blur p=0.5 at the local crop size and ``local_scale``.
+    """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (views are RGB), got {list(mean)} and {list(std)}")
+    global_size, local_size = crop_sizes(image_size)
+    small = image_size <= SMALL_IMAGE_MAX
+
+    def view(size: int, scale: tuple[float, float], photometric: T.Compose, blur_p: float, sol_p: float):
+        return _view_pipeline(size, scale, photometric, blur_p, sol_p, mean, std)
+
+    if recipe.kind == "symmetric":
+        s = 0.5 if small else 1.0
+        photometric = flip_and_color_jitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+        pipeline = view(global_size, recipe.global_scale, photometric, 0.0 if small else 0.5, 0.0)
+        return MultiViewTransform([pipeline, pipeline])
+
+    photometric = flip_and_color_jitter(0.4, 0.4, 0.2, 0.1)
+    globals_ = [
+        view(global_size, recipe.global_scale, photometric, 1.0, 0.0),
+        view(global_size, recipe.global_scale, photometric, 0.1, 0.2),
+    ]
+    if recipe.kind == "asymmetric":
+        return MultiViewTransform(globals_)
+    local = view(local_size, recipe.local_scale, photometric, 0.5, 0.0)
+    return MultiViewTransform(globals_, local, recipe.num_local_crops)
+
+
+def build_eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """No augmentation. <= 64 px: resize to image_size if needed then ToTensor + Normalize. Larger:
+    Resize(round(image_size*256/224)) + CenterCrop(image_size) (the standard ImageNet eval protocol).
+
+    Small images are resized on the short side and centre-cropped, which is a no-op for images already
+    at ``image_size`` and keeps the aspect ratio for those that are not.
+    """
+    resize_to = image_size if image_size <= SMALL_IMAGE_MAX else round(image_size * 256 / _REFERENCE_SIZE)
+    return T.Compose(
+        [
+            to_rgb(),
+            T.Resize(resize_to, interpolation=_BICUBIC),
+            T.CenterCrop(image_size),
+            normalize(mean, std),
+        ]
+    )

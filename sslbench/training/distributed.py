@@ -1,0 +1,127 @@
+"""Data-parallel training across processes: ``torchrun --nproc_per_node=N -m sslbench run ...``.
+
+The batch size in the config is the global batch; each of the N ranks trains on ``batch_size / N``
+images and DistributedDataParallel averages the gradients, so N ranks take the same steps as one
+process with the whole batch (tested to float tolerance on 2 CPU ranks). What the papers compute over
+the whole batch is computed over all ranks here too:
+
+- DINO's center (Eq. 4) averages the teacher outputs of every rank (``all_reduce_mean``);
+- SimCLR's negatives come from every rank (``gather_with_grad``: gradients flow back to the rank
+  that produced each embedding), as in the paper's global-batch TPU implementation;
+- BatchNorm statistics are global (SyncBatchNorm), as the DINO, BYOL and SimCLR references do for
+  ResNets. PyTorch's SyncBatchNorm needs a GPU; on the CPU (gloo) ``CrossRankBatchNorm`` does the same.
+
+The collectives themselves (all-reduce, gather, rank-0-only work) are in ``sslbench.base.collectives``,
+where the losses can reach them. Outside torchrun (no ``WORLD_SIZE``) every function here is the identity,
+so the single-process path has no branches of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor, nn
+
+from sslbench.base.collectives import is_distributed
+
+# The helper ranks wait in a collective while the main rank evaluates a pair or monitors: allow for it.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on the CPU); return this rank's device."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT)
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over every rank's batch, for the CPU where SyncBatchNorm is unavailable.
+
+    Sums and squared sums are all-reduced with a differentiable all-reduce, so the gradient through
+    the statistics includes every rank's loss, as SyncBatchNorm's does.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(input)
+        dims = [0, *range(2, input.dim())]
+        local_count = input.numel() // input.shape[1]
+        sums = torch.cat([input.sum(dims), (input * input).sum(dims)])
+        sums = dist_fn.all_reduce(sums)
+        count = local_count * dist.get_world_size()
+        mean, mean_sq = sums.chunk(2)
+        mean, mean_sq = mean / count, mean_sq / count
+        var = (mean_sq - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / max(count - 1, 1), momentum)
+                self.num_batches_tracked.add_(1)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def _convert_cross_rank(module: nn.Module) -> nn.Module:
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
+        converted = CrossRankBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        converted.load_state_dict(module.state_dict())
+        converted.train(module.training)
+        converted.to(next(module.buffers(), torch.empty(0)).device)
+        if module.affine:
+            converted.weight.requires_grad_(module.weight.requires_grad)
+            converted.bias.requires_grad_(module.bias.requires_grad)
+    for name, child in module.named_children():
+        converted.add_module(name, _convert_cross_rank(child))
+    return converted
+
+
+def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Global BatchNorm statistics across ranks: SyncBatchNorm on GPUs, CrossRankBatchNorm elsewhere."""
+    if not is_distributed():
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_cross_rank(module)
+
+
+def data_parallel(method: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around the method (its ``forward`` is the training step), or the method.
+
+    Buffers are not broadcast each step: BatchNorm statistics are synchronised and DINO's center is
+    all-reduced, so every rank already holds the same values.
+    """
+    if not is_distributed():
+        return method
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)

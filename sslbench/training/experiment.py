@@ -1,0 +1,252 @@
+"""A run: every (method, arch) pair through the one runner, then the report.
+
+A failure in one pair is recorded in its eval.json and the others go on; every file is written
+atomically, and the report is rebuilt from files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from sslbench.base.atomic_io import write_json_atomic, write_text_atomic
+from sslbench.base.collectives import is_main, on_main, world_size
+from sslbench.base.errors import SSLBenchError
+from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
+from sslbench.data.datasets import DatasetSplits, load_dataset, subset_indices
+from sslbench.data.image_files import BadImageError
+from sslbench.method.registry import get_method, list_methods
+from sslbench.models.backbones import arch_spec
+from sslbench.reporting.plots import write_collapse_diagnostics, write_training_curves
+from sslbench.reporting.tables import load_results, write_report
+from sslbench.training.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from sslbench.training.distributed import init_distributed
+from sslbench.training.environment import describe_environment
+from sslbench.training.run_folder import RunLock, check_reuse, default_run_dir
+from sslbench.training.runner import PairPlan, plan_pair, train_and_evaluate
+
+
+@dataclass
+class RunOutcome:
+    out_dir: Path
+    results: pd.DataFrame
+    failed: list[str]
+    main: bool = True  # False on the helper ranks of a distributed run, which print nothing
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SSLBenchError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from error
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise SSLBenchError(
+            f"device '{name}' was requested but no CUDA GPU is available: use --device cpu or --device auto"
+        )
+    if (device.index or 0) >= torch.cuda.device_count():
+        raise SSLBenchError(
+            f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    return device
+
+
+def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> tuple[Path, RunLock]:
+    """The run folder (a new unique one by default), locked first, then checked for reuse, with the
+    config and the environment saved in it. Nothing in a folder another run holds is touched."""
+    if config.out:
+        out_dir = Path(config.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir = default_run_dir(config.preset)
+    lock = RunLock(out_dir).acquire()
+    try:
+        check_reuse(out_dir, config_to_dict(config), restart)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        environment = describe_environment(device, config.seed) | {"run_id": out_dir.name}
+        write_json_atomic(out_dir / "environment.json", environment)
+    except BaseException:
+        lock.release()
+        raise
+    return out_dir, lock
+
+
+def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> None:
+    """A trainable pair needs at least one full batch of its training images, split evenly by rank."""
+    if not plan.method_cls.trainable:
+        return
+    if plan.train.batch_size % world_size():
+        raise SSLBenchError(
+            f"batch size {plan.train.batch_size} (the global batch) does not divide among {world_size()} "
+            "processes: use a multiple of the process count"
+        )
+    per_class = plan.train.train_per_class
+    images = (
+        len(data.train)
+        if per_class is None
+        else len(subset_indices(data.train.labels, per_class, config.seed))
+    )
+    if plan.train.batch_size > images:
+        raise SSLBenchError(
+            f"batch size {plan.train.batch_size} is larger than the training set ({images} images) of "
+            f"{plan.folder_name}: lower --batch-size"
+        )
+
+
+def finished_record(pair_dir: Path) -> dict | None:
+    """A pair's eval.json if it finished ("ok"): a resumed run keeps it instead of training again."""
+    path = pair_dir / "eval.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") == "ok" else None
+
+
+# Keys a variant may not change: every variant of an ablation trains on the same data and pairs.
+FIXED_ACROSS_VARIANTS = frozenset(
+    {"dataset", "data_root", "image_size", "download", "methods", "archs", "out"}
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An ablation: a name and config overrides (``{"dino": {...}, "train": {...}}``) on top of the run's."""
+
+    name: str
+    overrides: dict
+
+
+def run_benchmark(
+    config: RunConfig,
+    show_progress: bool = True,
+    variants: Sequence[Variant] = (),
+    restart: str = "new",
+) -> RunOutcome:
+    """Validate everything up front (names, options, data), then train and evaluate each pair.
+
+    With ``variants``, every (method, arch) pair is run once per variant under the same schedule, each
+    in its own folder ``<method>@<variant>-<arch>``. ``restart`` says what to do with a folder that
+    holds a run: refuse ("new"), continue it ("resume": finished pairs are kept, the others continue
+    from their newest checkpoint) or start it over ("force").
+    """
+    methods = {name: get_method(name) for name in config.methods}
+    for name, options in config.method_options.items():  # a typo in any method's section is caught early
+        build_dataclass(get_method(name).Config, options, name)
+    for arch in config.archs:
+        arch_spec(arch)
+    device = init_distributed(resolve_device(config.device))  # this rank's device under torchrun
+    data = load_dataset(
+        config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
+    )
+    variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
+    if variants:
+        base = config_to_dict(config)
+        variant_configs = [
+            (v.name, resolve_config([base, v.overrides], list(list_methods()))) for v in variants
+        ]
+    for variant in variants:
+        fixed = sorted(set(variant.overrides) & FIXED_ACROSS_VARIANTS)
+        if fixed:
+            raise SSLBenchError(
+                f"variant '{variant.name}' changes {', '.join(fixed)}: variants of one ablation share the "
+                "data and the pairs; vary method options, train.* or eval.* keys, or seed"
+            )
+    plans = [
+        (
+            dataclasses.replace(plan_pair(cls, arch, variant_config, device, data.image_size), variant=name),
+            variant_config,
+        )
+        for name, variant_config in variant_configs
+        for cls in methods.values()
+        for arch in config.archs
+    ]
+
+    for plan, plan_config in plans:  # a batch that cannot be filled is bad input, refused before training
+        check_batch_fits(plan, plan_config, data)
+    lock: RunLock | None = None
+
+    def claim() -> Path:
+        nonlocal lock
+        folder, lock = prepare_out_dir(config, device, restart)
+        return folder
+
+    out_dir = on_main(claim)  # every rank agrees on the folder; the main rank holds its lock
+    try:
+        return _run_pairs(plans, data, out_dir, show_progress, restart == "resume")
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_pairs(
+    plans: list[tuple[PairPlan, RunConfig]],
+    data: DatasetSplits,
+    out_dir: Path,
+    show_progress: bool,
+    resume: bool,
+) -> RunOutcome:
+    sources = list_methods()
+
+    failed: list[str] = []
+    for plan, plan_config in plans:
+        name = plan.method_cls.name
+        pair_dir = out_dir / plan.folder_name
+        if is_main():
+            pair_dir.mkdir(parents=True, exist_ok=True)
+        if resume and on_main(lambda pair_dir=pair_dir: finished_record(pair_dir)) is not None:
+            continue  # finished before the interruption: its eval.json stands
+        record = {"method": name, "arch": plan.arch, "variant": plan.variant}
+        record["method_source"] = sources.get(name, "unknown")
+        started = time.perf_counter()
+        try:
+            evaluated = train_and_evaluate(plan, plan_config, data, pair_dir, show_progress, resume)
+            if evaluated is None:  # a helper rank of a distributed run: the main rank writes
+                continue
+            record |= evaluated
+        except BadImageError:
+            raise  # the data's problem, the same for every pair: stop with the file's name
+        except Exception as error:  # one broken pair must not cost the others their results
+            if not is_main():  # every rank failed alike (the loss guard agrees across ranks); one writes
+                continue
+            reason = str(error)
+            if not isinstance(error, SSLBenchError):  # a bug, in the method or here: name who and where
+                write_text_atomic(pair_dir / "traceback.txt", traceback.format_exc())
+                reason = (
+                    f"{type(error).__name__}: {error} (method '{name}' from {record['method_source']}; "
+                    f"traceback in {pair_dir / 'traceback.txt'})"
+                )
+            record |= {
+                "status": "failed",
+                "error": reason,
+                "knn": None,
+                "linear": None,
+                "train": None,
+                "protocol": {"recipe": plan.recipe, "seed": plan_config.seed},
+            }
+            failed.append(f"{plan.folder_name}: {reason}")
+        record["total_wall_s"] = round(time.perf_counter() - started, 2)
+        write_json_atomic(pair_dir / "eval.json", record)
+        if record["status"] == "ok":  # its numbers are final and a resume keeps them: free the disk
+            shutil.rmtree(pair_dir / CHECKPOINT_FOLDER, ignore_errors=True)
+
+    if not is_main():
+        return RunOutcome(out_dir, pd.DataFrame(), failed, main=False)
+    results = load_results([out_dir])
+    write_report(results, out_dir)
+    write_training_curves(out_dir)
+    write_collapse_diagnostics(out_dir)
+    return RunOutcome(out_dir, results, failed)

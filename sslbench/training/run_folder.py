@@ -1,0 +1,151 @@
+"""The run folder: a unique name, one run at a time in it, and the rules for reusing it.
+
+A folder holds one run. A second run into it is refused unless it resumes that run with the same config
+(``--resume``) or starts it over (``--force``). While a run is writing, it holds a lock on ``.lock``,
+which names its process; another run into the folder is refused with that name. The lock ends with
+the process, however it ends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sslbench.base.errors import SSLBenchError
+
+LOCK_NAME = ".lock"
+RESTART_MODES = ("new", "resume", "force")
+# Keys that may differ on a resume: where the results go does not change a number. (The device does:
+# precision "auto" is bf16 on CUDA and fp32 on the CPU.)
+RESUMABLE_CHANGES = frozenset({"out"})
+# What a run writes at its top level; --force removes these and the pair folders, nothing else.
+RUN_FILES = frozenset(
+    {"config.yaml", "environment.json", "summary.csv", "summary.png", "table.md", "table.tex",
+     "curves.png", "collapse.png", "ablation.md", "ablation.csv"}
+)  # fmt: skip
+PAIR_MARKERS = ("eval.json", "metrics.jsonl", "checkpoints", "backbone.pt", "traceback.txt")
+
+
+def new_run_dir(root: Path, stem: str) -> Path:
+    """``root/stem``, or ``root/stem-2``, ``-3``...: created here, so two runs never share one."""
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise SSLBenchError(f"could not create a new run folder under {root}: give one with --out")
+
+
+def default_run_dir(preset: str) -> Path:
+    return new_run_dir(Path("results"), f"{datetime.now():%Y%m%d-%H%M%S}-{preset}")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every key that differs (``RESUMABLE_CHANGES`` aside)."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in old.keys() | new.keys() if k.split(".")[0] not in RESUMABLE_CHANGES)
+    return [
+        f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys if old.get(k) != new.get(k)
+    ]
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    return (out_dir / "config.yaml").exists() or any(out_dir.glob("*/eval.json"))
+
+
+def check_reuse(out_dir: Path, current: dict[str, Any], restart: str) -> None:
+    """Refuse to mix two runs in one folder; for ``force``, empty the old run out of it first."""
+    if restart not in RESTART_MODES:
+        raise ValueError(f"restart must be one of {RESTART_MODES}, got {restart!r}")
+    if not out_dir.is_dir() or not holds_a_run(out_dir):
+        return
+    if restart == "new":
+        raise SSLBenchError(
+            f"results folder {out_dir} already holds a run: add --resume to continue it, --force to start "
+            "it over, or give another --out"
+        )
+    if restart == "force":  # only what a run wrote: a folder given by mistake keeps everything else
+        for entry in out_dir.iterdir():
+            if entry.is_file() and entry.name in RUN_FILES:
+                entry.unlink()
+            elif entry.is_dir() and any((entry / marker).exists() for marker in PAIR_MARKERS):
+                shutil.rmtree(entry)
+        return
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.exists():
+        raise SSLBenchError(f"{out_dir} has no config.yaml to resume from: use --force to start it over")
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    differences = config_differences(saved, current)
+    if differences:
+        raise SSLBenchError(
+            f"cannot resume {out_dir}: its config differs in {'; '.join(differences)}. Resume with the "
+            "same config, or use --force to start it over"
+        )
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``.lock`` in the run folder for as long as the run writes there.
+
+    The operating system drops the lock when the process ends, however it ends, so a killed run never
+    leaves a folder locked. The file names the holder, for the message another run gets.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_NAME
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat()}
+        self.handle: Any = None
+
+    def acquire(self) -> RunLock:
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            handle.close()
+            raise SSLBenchError(
+                f"results folder {self.path.parent} is in use by process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} since {holder.get('since', '?')}: wait for it to finish or "
+                "give another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        json.dump(self.owner, handle)
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

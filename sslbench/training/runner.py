@@ -1,0 +1,292 @@
+"""One (method, arch) pair: its plan, its data, the shared training loop, and the evaluation of what it
+trained.
+
+The loop itself (schedules, precision, clipping, EMA updates, the loss guard) lives in
+``sslbench.training``; this module builds what the loop needs for one pair and records the protocol
+beside the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from sslbench.base.atomic_io import atomic_path
+from sslbench.base.collectives import is_main, rank, world_size
+from sslbench.base.small_images import SMALL_IMAGE_MAX
+from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
+from sslbench.data.augment import build_view_transform
+from sslbench.data.datasets import DatasetSplits, ImageSource, SubsetSource, subset_indices
+from sslbench.data.sampling import EpochSampler, SeededViews
+from sslbench.evaluation.diagnostics import collapse_verdict
+from sslbench.evaluation.evaluate import evaluate_method
+from sslbench.evaluation.monitor import KnnMonitor
+from sslbench.method import Method, TrainContext
+from sslbench.models.backbones import arch_spec, create_backbone, effective_patch_size
+from sslbench.training.distributed import data_parallel, sync_batch_norm
+from sslbench.training.loop import Checkpointing, memory_format_for, precision_for, train_loop
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Everything resolved for one (method, arch) pair before training starts."""
+
+    method_cls: type[Method]
+    arch: str
+    train: TrainConfig  # after the paper recipe, if any, was applied
+    recipe: str
+    method_options: Any
+    device: torch.device
+    variant: str | None = None  # an ablation's name; the pair's folder is <method>@<variant>-<arch>
+
+    @property
+    def folder_name(self) -> str:
+        variant = f"@{self.variant}" if self.variant else ""
+        return f"{self.method_cls.name}{variant}-{self.arch}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plan_pair(
+    method_cls: type[Method],
+    arch: str,
+    config: RunConfig,
+    device: torch.device,
+    image_size: int | None = None,
+) -> PairPlan:
+    """Resolve the pair's schedule (the shared one, or the method's paper recipe) and its options.
+
+    A paper recipe may differ for small images (key ``"<family>_small"``, e.g. SimCLR's CIFAR recipe).
+    """
+    family = arch_spec(arch).family
+    train = config.train
+    recipe = "shared"
+    if config.recipe == "paper":
+        small = image_size is not None and image_size <= SMALL_IMAGE_MAX
+        key = f"{family}_small" if small and f"{family}_small" in method_cls.paper_recipe else family
+        overrides = method_cls.paper_recipe.get(key)
+        if overrides:
+            train = dataclasses.replace(train, **overrides)
+            recipe = f"paper ({method_cls.name}, {key})"
+    options = build_dataclass(
+        method_cls.Config, config.method_options.get(method_cls.name, {}), method_cls.name
+    )
+    return PairPlan(method_cls, arch, train, recipe, options, device)
+
+
+def compile_backbones(method: Method) -> None:
+    """``torch.compile`` the backbones in place (student and EMA copy): their state_dict keys stay as
+    they are, and the heads and losses, small and cheap, stay eager.
+
+    Static shapes, one graph per crop resolution: multi-crop has two or three, and a ViT's position
+    embedding resized for local crops fails to compile with symbolic sizes (PyTorch 2.14).
+    """
+    backbones = [method.backbone, method.momentum_backbone()]
+    for backbone in {id(b): b for b in backbones if b is not None}.values():
+        backbone.compile(dynamic=False)
+
+
+def training_data(
+    method: Method,
+    source: ImageSource,
+    data: DatasetSplits,
+    train_cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+) -> tuple[DataLoader, Callable[[Any], list[Tensor]] | None, torch.Generator | None]:
+    """The loader of this rank's share of each global batch, how a batch becomes device views, and the
+    generator the GPU augmentation draws from (None on the CPU path; checkpoints save its state).
+
+    ``augment_on="cpu"``: the recipe's PIL transforms in the loader (workers), views moved to the
+    device. ``"gpu"``: the loader only decodes images onto a fixed canvas and the same recipe runs on
+    the whole batch on the device (``sslbench.data.gpu_augment``).
+    """
+    per_rank = train_cfg.batch_size // world_size()
+    recipe = method.view_recipe()
+    make_views, generator = None, None
+    if train_cfg.augment_on == "gpu":
+        from sslbench.data.gpu_augment import BatchViewAugmenter
+        from sslbench.data.image_canvas import ImageCanvas, canvas_size_for
+
+        augmenter = BatchViewAugmenter.from_recipe(recipe, data.image_size, data.mean, data.std).to(device)
+        transform: Callable[[Any], Any] = ImageCanvas(canvas_size_for(data.image_size))
+        generator = torch.Generator(device).manual_seed(seed * 1009 + rank())
+        memory_format = memory_format_for(device, method.backbone.family)
+
+        def make_views(batch: Any) -> list[Tensor]:
+            canvas, sizes = (t.to(device, non_blocking=True) for t in batch)
+            return [v.contiguous(memory_format=memory_format) for v in augmenter(canvas, sizes, generator)]
+    else:
+        transform = build_view_transform(recipe, data.image_size, data.mean, data.std)
+    loader = DataLoader(
+        SeededViews(source, transform, seed),
+        batch_size=per_rank,
+        sampler=EpochSampler(len(source), seed, per_rank, rank(), world_size()),
+        drop_last=True,
+        num_workers=train_cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=train_cfg.num_workers > 0,
+        # Its own generator for the workers' base seed, so starting an epoch's iterator never draws
+        # from the global generator (a resumed run then draws exactly what an uninterrupted one does).
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, make_views, generator
+
+
+def train_and_evaluate(
+    plan: PairPlan,
+    config: RunConfig,
+    data: DatasetSplits,
+    pair_dir: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Any] | None:
+    """Train one pair, evaluate it on frozen features, and return the eval.json record.
+
+    With ``resume``, training continues from the pair's newest checkpoint (if any). In a distributed
+    run every rank trains; only the main rank evaluates and returns the record.
+    """
+    train_cfg, device = plan.train, plan.device
+    image_size = data.image_size
+    seed_everything(config.seed)
+    backbone = create_backbone(plan.arch, image_size, train_cfg.drop_path_rate)
+
+    train_source = data.train
+    if train_cfg.train_per_class is not None:
+        train_source = SubsetSource(
+            train_source, subset_indices(train_source.labels, train_cfg.train_per_class, config.seed)
+        )
+    iterations_per_epoch = len(train_source) // train_cfg.batch_size  # >= 1: run_benchmark checked
+    context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
+    method = plan.method_cls(backbone, plan.method_options, context)
+    method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
+    method = method.to(device, memory_format=memory_format_for(device, backbone.family))
+    if train_cfg.compile:
+        compile_backbones(method)
+    precision = precision_for(train_cfg, device)
+    crops = "none (untrained)"
+    pair_hash = config_hash(  # what determines this pair's numbers; checkpoints carry it
+        {
+            "train": dataclasses.asdict(train_cfg),
+            "eval": dataclasses.asdict(config.eval),
+            "options": method.resolved_options(),
+            "method": plan.method_cls.name,
+            "arch": plan.arch,
+            "dataset": data.name,
+            "image_size": image_size,
+            "seed": config.seed,
+        }
+    )
+
+    train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
+    if plan.method_cls.trainable:
+        crops = method.view_recipe().describe(image_size)
+        loader, make_views, generator = training_data(
+            method, train_source, data, train_cfg, config.seed, device
+        )
+        checkpointing = Checkpointing(
+            pair_dir,
+            pair_hash,
+            train_cfg.checkpoint_every_epochs,
+            train_cfg.checkpoint_every_minutes,
+            train_cfg.keep_checkpoints,
+            resume,
+            generator,
+        )
+        if world_size() > 1:  # identical initial weights; each rank its own drop-path draws
+            torch.manual_seed(config.seed + rank())
+        watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
+        monitor = KnnMonitor(data, config, device, {k: v for k, v in watched.items() if v is not None})
+        train_summary = train_loop(
+            method,
+            loader,
+            train_cfg,
+            precision,
+            device,
+            pair_dir,
+            show_progress,
+            monitor,
+            config.eval.monitor_every,
+            model=data_parallel(method, device),
+            make_views=make_views,
+            checkpointing=checkpointing,
+        )
+    if not is_main():
+        return None
+    if train_cfg.save_weights:  # the evaluated network, for attention maps and later evaluation
+        with atomic_path(pair_dir / "backbone.pt") as tmp:
+            torch.save(method.eval_backbone().state_dict(), tmp)
+
+    cache_dir = pair_dir if config.eval.cache_features else None
+    metrics = evaluate_method(method, config, data, device, cache_dir)
+    patch = effective_patch_size(plan.arch, image_size)
+    protocol = {
+        "dataset": data.name,
+        "dataset_description": data.description,
+        "skipped_images": data.skipped_images,
+        "train_images": len(train_source) if plan.method_cls.trainable else 0,
+        "test_images": metrics.pop("test_images"),
+        "knn_bank_images": metrics.pop("bank_images"),
+        "image_size": image_size,
+        "patch_size": patch,
+        "crops": crops,
+        "epochs": train_cfg.epochs if plan.method_cls.trainable else 0,
+        "batch_size": train_cfg.batch_size,
+        "processes": world_size(),
+        "augment_on": train_cfg.augment_on if plan.method_cls.trainable else None,
+        "compile": train_cfg.compile,
+        "optimizer": train_cfg.optimizer,
+        "base_lr": train_cfg.lr,
+        "recipe": plan.recipe,
+        "precision": precision,
+        "seed": config.seed,
+        "device": str(device),
+        "feature_source": method.feature_source if plan.method_cls.trainable else "untrained backbone",
+        "knn_k": config.eval.knn_headline_k,
+        "knn_temperature": config.eval.knn_temperature,
+        "linear_features": method.eval_backbone().linear_features_description,
+        "linear_protocol": (
+            f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
+            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"
+        ),
+    }
+    protocol["config_hash"] = pair_hash
+    return {
+        "status": "ok",
+        "error": None,
+        "variant": plan.variant,
+        "knn": metrics["knn"],
+        "linear": metrics["linear"],
+        "train": train_summary,
+        "collapse": collapse_check(method, train_summary.pop("last_record", None), pair_dir.name),
+        "protocol": protocol,
+        "method_options": method.resolved_options(),
+    }
+
+
+def collapse_check(
+    method: Method, last_record: dict[str, Any] | None, pair_name: str
+) -> dict[str, Any] | None:
+    """The verdict on the last logged diagnostics; a collapse is also said in plain words on stderr."""
+    if last_record is None:
+        return None
+    verdict = collapse_verdict(last_record, method.resolved_options().get("out_dim"))
+    if verdict["collapsed"]:
+        warnings.warn(
+            f"{pair_name} collapsed: {'; '.join(verdict['reasons'])}. {verdict['advice']}", stacklevel=2
+        )
+    return verdict
