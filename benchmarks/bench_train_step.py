@@ -16,8 +16,8 @@ from PIL import Image
 
 from sslbench import Step, TrainContext, create_backbone, get_method, list_methods
 from sslbench.data.augment import build_view_transform
-from sslbench.training.loop import optimization_step
 from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.step import optimization_step
 
 BATCH = 16
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

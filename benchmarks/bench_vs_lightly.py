@@ -78,7 +78,7 @@ from step_pair import (
 
 from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
-from sslbench.training.loop import precision_for
+from sslbench.training.step import precision_for
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, pinned: see the module docstring
 

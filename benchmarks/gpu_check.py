@@ -51,9 +51,9 @@ from sslbench import Step, TrainContext, create_backbone, get_method
 from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
 from sslbench.method import Method
-from sslbench.training.loop import memory_format_for, optimization_step, precision_for
 from sslbench.training.optim import build_optimizer, parameter_groups
 from sslbench.training.runner import compile_backbones
+from sslbench.training.step import memory_format_for, optimization_step, precision_for
 
 TOLERANCE = 1e-2  # relative |loss_bf16 - loss_fp32| / |loss_fp32|: 2.5 bf16 ulps (2^-8 = 3.9e-3)
 IPE = 100  # the timed step is iteration IPE, epoch 1: after DINO's frozen-last-layer epoch

@@ -22,8 +22,8 @@ from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
 from sslbench.method import Method
 from sslbench.models.backbones import arch_spec
-from sslbench.training.loop import memory_format_for, optimization_step, precision_for
 from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.step import memory_format_for, optimization_step, precision_for
 
 METHODS = ("dino", "byol", "simclr")
 IMPLS = ("sslbench", "lightly")

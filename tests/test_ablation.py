@@ -24,9 +24,9 @@ from sslbench.losses import dino_loss, dino_mse_loss
 from sslbench.method import Method, Step, TrainContext
 from sslbench.training.ablation import dino_variants, variants_for
 from sslbench.training.experiment import Variant
-from sslbench.training.loop import optimization_step
 from sslbench.training.optim import build_optimizer, parameter_groups
 from sslbench.training.runner import PairPlan, plan_pair
+from sslbench.training.step import optimization_step
 
 CPU = torch.device("cpu")
 ARCH = "vit_tiny16"

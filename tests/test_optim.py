@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sslbench.training.loop import clip_per_parameter
 from sslbench.training.optim import LARS, build_optimizer, parameter_groups
+from sslbench.training.step import clip_per_parameter
 
 F64 = torch.float64
 

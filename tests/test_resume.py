@@ -100,7 +100,8 @@ def _train(out: Path, resume: bool) -> torch.nn.Module:
     from sslbench import TrainContext, create_backbone, get_method
     from sslbench.config import TrainConfig
     from sslbench.data.sampling import EpochSampler, SeededViews
-    from sslbench.training.loop import Checkpointing, train_loop
+    from sslbench.training.checkpoint import Checkpointing
+    from sslbench.training.loop import train_loop
 
     torch.manual_seed(0)
     method_cls = get_method("byol")

@@ -13,9 +13,9 @@ import torch
 from sslbench import SSLBenchError, Step, TrainContext, create_backbone, get_method
 from sslbench.config import RunConfig, TrainConfig, resolve_config
 from sslbench.data.datasets import ArraySource, DatasetSplits
-from sslbench.training.loop import LossGuard
 from sslbench.training.optim import build_optimizer, parameter_groups
 from sslbench.training.runner import compile_backbones, training_data
+from sslbench.training.step import LossGuard
 
 CPU = torch.device("cpu")
 

@@ -16,14 +16,21 @@ read (a truncated file) gives a warning and the previous one is used.
 from __future__ import annotations
 
 import random
+import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from sslbench.base.atomic_io import atomic_path
+from sslbench.base.collectives import any_rank, gather_objects, on_main
+
+if TYPE_CHECKING:
+    from sslbench.method import Method
+    from sslbench.training.state import TrainState
 
 FORMAT = 1
 FOLDER = "checkpoints"
@@ -119,3 +126,57 @@ def load_latest_checkpoint(pair_dir: Path, config_hash: str) -> dict[str, Any] |
             continue
         return payload
     return None
+
+
+@dataclass
+class Checkpointing:
+    """Where and when a pair's checkpoints go, and whether to continue from the newest one.
+
+    ``enabled=False`` (a loop run outside a run folder, as tests do) never reads or writes one.
+    """
+
+    pair_dir: Path
+    config_hash: str
+    every_epochs: int = 1
+    every_minutes: float = 10.0
+    keep: int = 2
+    resume: bool = False
+    augment_generator: torch.Generator | None = None
+    enabled: bool = True
+    last_saved: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def disabled(cls, pair_dir: Path) -> Checkpointing:
+        return cls(pair_dir, "", resume=False, enabled=False)
+
+    def latest(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from: the newest readable one of this config, if resuming."""
+        if not (self.enabled and self.resume):
+            return None
+        return load_latest_checkpoint(self.pair_dir, self.config_hash)
+
+    def time_is_up(self) -> bool:
+        """Decided on the main rank and shared, so every rank saves (and synchronises) together."""
+        due = self.every_minutes > 0 and time.perf_counter() - self.last_saved >= self.every_minutes * 60
+        return self.enabled and any_rank(due)
+
+    def due_after_epoch(self, epoch: int, epochs: int) -> bool:
+        """After the last epoch, every ``every_epochs`` epochs, or when the time rule says so."""
+        every = self.every_epochs
+        epoch_due = epoch == epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+        return self.enabled and (epoch_due or self.time_is_up())
+
+    def save(self, state: TrainState, method: Method, optimizer: torch.optim.Optimizer) -> None:
+        """Everything the next iteration depends on, written by the main rank; every rank's generators."""
+        with state.timed_aside():
+            payload = state.payload()
+            rng = gather_objects(rng_state(self.augment_generator))
+
+            def write() -> None:
+                content = {"method": method.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+                save_checkpoint(
+                    self.pair_dir, {**payload, "config_hash": self.config_hash, **content}, self.keep
+                )
+
+            on_main(write)
+            self.last_saved = time.perf_counter()

@@ -2,7 +2,7 @@
 trained.
 
 The loop itself (schedules, precision, clipping, EMA updates, the loss guard) lives in
-``sslbench.training``; this module builds what the loop needs for one pair and records the protocol
+``sslbench.training.loop``; this module builds what the loop needs for one pair and records the protocol
 beside the numbers.
 """
 
@@ -32,9 +32,11 @@ from sslbench.evaluation.diagnostics import collapse_verdict
 from sslbench.evaluation.evaluate import evaluate_method
 from sslbench.evaluation.monitor import KnnMonitor
 from sslbench.method import Method, TrainContext
-from sslbench.models.backbones import arch_spec, create_backbone, effective_patch_size
+from sslbench.models.backbones import Backbone, arch_spec, create_backbone, effective_patch_size
+from sslbench.training.checkpoint import Checkpointing
 from sslbench.training.distributed import data_parallel, sync_batch_norm
-from sslbench.training.loop import Checkpointing, memory_format_for, precision_for, train_loop
+from sslbench.training.loop import train_loop
+from sslbench.training.step import memory_format_for, precision_for
 
 
 @dataclass(frozen=True)
@@ -160,111 +162,23 @@ def train_and_evaluate(
     With ``resume``, training continues from the pair's newest checkpoint (if any). In a distributed
     run every rank trains; only the main rank evaluates and returns the record.
     """
-    train_cfg, device = plan.train, plan.device
-    image_size = data.image_size
     seed_everything(config.seed)
-    backbone = create_backbone(plan.arch, image_size, train_cfg.drop_path_rate)
-
-    train_source = data.train
-    if train_cfg.train_per_class is not None:
-        train_source = SubsetSource(
-            train_source, subset_indices(train_source.labels, train_cfg.train_per_class, config.seed)
-        )
-    iterations_per_epoch = len(train_source) // train_cfg.batch_size  # >= 1: run_benchmark checked
-    context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, image_size)
-    method = plan.method_cls(backbone, plan.method_options, context)
-    method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
-    method = method.to(device, memory_format=memory_format_for(device, backbone.family))
-    if train_cfg.compile:
-        compile_backbones(method)
-    precision = precision_for(train_cfg, device)
-    crops = "none (untrained)"
-    pair_hash = config_hash(  # what determines this pair's numbers; checkpoints carry it
-        {
-            "train": dataclasses.asdict(train_cfg),
-            "eval": dataclasses.asdict(config.eval),
-            "options": method.resolved_options(),
-            "method": plan.method_cls.name,
-            "arch": plan.arch,
-            "dataset": data.name,
-            "image_size": image_size,
-            "seed": config.seed,
-        }
-    )
-
+    backbone = create_backbone(plan.arch, data.image_size, plan.train.drop_path_rate)
+    train_source = training_source(data, plan.train, config.seed)
+    method = build_method(plan, backbone, data, len(train_source) // plan.train.batch_size)
+    pair_hash = pair_config_hash(plan, config, data, method)
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
     if plan.method_cls.trainable:
-        crops = method.view_recipe().describe(image_size)
-        loader, make_views, generator = training_data(
-            method, train_source, data, train_cfg, config.seed, device
-        )
-        checkpointing = Checkpointing(
-            pair_dir,
-            pair_hash,
-            train_cfg.checkpoint_every_epochs,
-            train_cfg.checkpoint_every_minutes,
-            train_cfg.keep_checkpoints,
-            resume,
-            generator,
-        )
-        if world_size() > 1:  # identical initial weights; each rank its own drop-path draws
-            torch.manual_seed(config.seed + rank())
-        watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
-        monitor = KnnMonitor(data, config, device, {k: v for k, v in watched.items() if v is not None})
-        train_summary = train_loop(
-            method,
-            loader,
-            train_cfg,
-            precision,
-            device,
-            pair_dir,
-            show_progress,
-            monitor,
-            config.eval.monitor_every,
-            model=data_parallel(method, device),
-            make_views=make_views,
-            checkpointing=checkpointing,
+        train_summary = train_pair(
+            method, plan, config, data, train_source, pair_dir, pair_hash, show_progress, resume
         )
     if not is_main():
         return None
-    if train_cfg.save_weights:  # the evaluated network, for attention maps and later evaluation
+    if plan.train.save_weights:  # the evaluated network, for attention maps and later evaluation
         with atomic_path(pair_dir / "backbone.pt") as tmp:
             torch.save(method.eval_backbone().state_dict(), tmp)
-
     cache_dir = pair_dir if config.eval.cache_features else None
-    metrics = evaluate_method(method, config, data, device, cache_dir)
-    patch = effective_patch_size(plan.arch, image_size)
-    protocol = {
-        "dataset": data.name,
-        "dataset_description": data.description,
-        "skipped_images": data.skipped_images,
-        "train_images": len(train_source) if plan.method_cls.trainable else 0,
-        "test_images": metrics.pop("test_images"),
-        "knn_bank_images": metrics.pop("bank_images"),
-        "image_size": image_size,
-        "patch_size": patch,
-        "crops": crops,
-        "epochs": train_cfg.epochs if plan.method_cls.trainable else 0,
-        "batch_size": train_cfg.batch_size,
-        "processes": world_size(),
-        "augment_on": train_cfg.augment_on if plan.method_cls.trainable else None,
-        "compile": train_cfg.compile,
-        "optimizer": train_cfg.optimizer,
-        "base_lr": train_cfg.lr,
-        "recipe": plan.recipe,
-        "precision": precision,
-        "seed": config.seed,
-        "device": str(device),
-        "feature_source": method.feature_source if plan.method_cls.trainable else "untrained backbone",
-        "knn_k": config.eval.knn_headline_k,
-        "knn_temperature": config.eval.knn_temperature,
-        "linear_features": method.eval_backbone().linear_features_description,
-        "linear_protocol": (
-            f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
-            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"
-        ),
-    }
-    protocol["config_hash"] = pair_hash
+    metrics = evaluate_method(method, config, data, plan.device, cache_dir)
     return {
         "status": "ok",
         "error": None,
@@ -273,8 +187,132 @@ def train_and_evaluate(
         "linear": metrics["linear"],
         "train": train_summary,
         "collapse": collapse_check(method, train_summary.pop("last_record", None), pair_dir.name),
-        "protocol": protocol,
+        "protocol": protocol_record(plan, config, data, method, metrics, len(train_source))
+        | {"config_hash": pair_hash},
         "method_options": method.resolved_options(),
+    }
+
+
+def training_source(data: DatasetSplits, train_cfg: TrainConfig, seed: int) -> ImageSource:
+    """The training split, or its balanced seeded subset with ``train.train_per_class``."""
+    if train_cfg.train_per_class is None:
+        return data.train
+    return SubsetSource(data.train, subset_indices(data.train.labels, train_cfg.train_per_class, seed))
+
+
+def build_method(
+    plan: PairPlan, backbone: Backbone, data: DatasetSplits, iterations_per_epoch: int
+) -> Method:
+    """The pair's method on its device: global BatchNorm across ranks, the layout the device likes, and
+    compiled backbones if asked. ``iterations_per_epoch`` >= 1: run_benchmark checked the batch fits."""
+    train_cfg, device = plan.train, plan.device
+    context = TrainContext(train_cfg.epochs, iterations_per_epoch, data.num_classes, data.image_size)
+    method = plan.method_cls(backbone, plan.method_options, context)
+    method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
+    method = method.to(device, memory_format=memory_format_for(device, backbone.family))
+    if train_cfg.compile:
+        compile_backbones(method)
+    return method
+
+
+def pair_config_hash(plan: PairPlan, config: RunConfig, data: DatasetSplits, method: Method) -> str:
+    """What determines this pair's numbers; checkpoints carry it, and only a match is resumed."""
+    return config_hash(
+        {
+            "train": dataclasses.asdict(plan.train),
+            "eval": dataclasses.asdict(config.eval),
+            "options": method.resolved_options(),
+            "method": plan.method_cls.name,
+            "arch": plan.arch,
+            "dataset": data.name,
+            "image_size": data.image_size,
+            "seed": config.seed,
+        }
+    )
+
+
+def train_pair(
+    method: Method,
+    plan: PairPlan,
+    config: RunConfig,
+    data: DatasetSplits,
+    train_source: ImageSource,
+    pair_dir: Path,
+    pair_hash: str,
+    show_progress: bool,
+    resume: bool,
+) -> dict[str, Any]:
+    """The pair's loader, checkpoints and k-NN monitor, then the one training loop."""
+    train_cfg, device = plan.train, plan.device
+    loader, make_views, generator = training_data(method, train_source, data, train_cfg, config.seed, device)
+    checkpointing = Checkpointing(
+        pair_dir,
+        pair_hash,
+        train_cfg.checkpoint_every_epochs,
+        train_cfg.checkpoint_every_minutes,
+        train_cfg.keep_checkpoints,
+        resume,
+        generator,
+    )
+    if world_size() > 1:  # identical initial weights; each rank its own drop-path draws
+        torch.manual_seed(config.seed + rank())
+    watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
+    monitor = KnnMonitor(data, config, device, {k: v for k, v in watched.items() if v is not None})
+    return train_loop(
+        method,
+        loader,
+        train_cfg,
+        precision_for(train_cfg, device),
+        device,
+        pair_dir,
+        show_progress,
+        monitor,
+        config.eval.monitor_every,
+        model=data_parallel(method, device),
+        make_views=make_views,
+        checkpointing=checkpointing,
+    )
+
+
+def protocol_record(
+    plan: PairPlan,
+    config: RunConfig,
+    data: DatasetSplits,
+    method: Method,
+    metrics: dict[str, Any],
+    train_images: int,
+) -> dict[str, Any]:
+    """Every protocol detail beside the numbers it produced."""
+    train_cfg, trainable = plan.train, plan.method_cls.trainable
+    return {
+        "dataset": data.name,
+        "dataset_description": data.description,
+        "skipped_images": data.skipped_images,
+        "train_images": train_images if trainable else 0,
+        "test_images": metrics["test_images"],
+        "knn_bank_images": metrics["bank_images"],
+        "image_size": data.image_size,
+        "patch_size": effective_patch_size(plan.arch, data.image_size),
+        "crops": method.view_recipe().describe(data.image_size) if trainable else "none (untrained)",
+        "epochs": train_cfg.epochs if trainable else 0,
+        "batch_size": train_cfg.batch_size,
+        "processes": world_size(),
+        "augment_on": train_cfg.augment_on if trainable else None,
+        "compile": train_cfg.compile,
+        "optimizer": train_cfg.optimizer,
+        "base_lr": train_cfg.lr,
+        "recipe": plan.recipe,
+        "precision": precision_for(train_cfg, plan.device),
+        "seed": config.seed,
+        "device": str(plan.device),
+        "feature_source": method.feature_source if trainable else "untrained backbone",
+        "knn_k": config.eval.knn_headline_k,
+        "knn_temperature": config.eval.knn_temperature,
+        "linear_features": method.eval_backbone().linear_features_description,
+        "linear_protocol": (
+            f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
+            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"
+        ),
     }
 
 
