@@ -74,3 +74,9 @@ __all__ = [
 ]
 
 legacy_paths.install()
+
+
+def __getattr__(name: str) -> object:
+    """``sslbench.augment`` and the other flat-layout modules, reached as attributes: a warning, then the
+    moved module."""
+    return legacy_paths.moved_attribute(name)

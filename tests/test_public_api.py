@@ -31,8 +31,9 @@ def _forget(monkeypatch: pytest.MonkeyPatch, old: str) -> None:
     # setitem/setattr first so the undo also removes what the import under test adds
     monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(sslbench, old, None, raising=False)
-    monkeypatch.delattr(sslbench, old, raising=False)
+    # the package's own dict, not getattr: reading a missing old name would import it (and warn) here
+    monkeypatch.setitem(vars(sslbench), old, None)
+    monkeypatch.delitem(vars(sslbench), old)
 
 
 def test_all_has_no_duplicates() -> None:
@@ -47,18 +48,66 @@ def test_every_public_name_is_importable(name: str) -> None:
     assert namespace[name] is getattr(sslbench, name)
 
 
-@pytest.mark.parametrize(("old", "new"), sorted(legacy_paths.MOVED.items()))
-def test_old_path_is_the_moved_module_with_a_warning(
-    old: str, new: str, monkeypatch: pytest.MonkeyPatch
+def _defined_here(module: object) -> dict[str, object]:
+    """The public functions and classes a module defines itself (not the ones it imports)."""
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+    }
+
+
+@pytest.mark.parametrize(("old", "homes"), sorted(legacy_paths.MOVED.items()))
+def test_old_path_gives_the_moved_contents_with_a_warning(
+    old: str, homes: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    moved = importlib.import_module(new)
+    moved = [importlib.import_module(home) for home in homes]
     _forget(monkeypatch, old)
-    with pytest.warns(DeprecationWarning, match=rf"sslbench\.{old} moved to {re.escape(new)}\b"):
+    with pytest.warns(DeprecationWarning, match=rf"sslbench\.{old} moved to {re.escape(homes[0])}\b"):
         alias = importlib.import_module(f"sslbench.{old}")
-    assert alias is moved
-    assert sys.modules[f"sslbench.{old}"] is moved
-    assert moved.__spec__.name == new
-    assert moved.__name__ == new
+    assert sys.modules[f"sslbench.{old}"] is alias
+    if len(moved) == 1:  # a module that moved whole: the alias is the module itself
+        assert alias is moved[0]
+    for module in moved:  # a module that was split: every piece's names, the very same objects
+        assert module.__spec__.name == module.__name__  # the alias left the moved module's spec alone
+        for name, value in _defined_here(module).items():
+            assert getattr(alias, name) is value, f"sslbench.{old}.{name}"
+
+
+def test_split_modules_answer_the_names_they_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    for old in ("distributed", "evaluate", "diagnostics"):
+        _forget(monkeypatch, old)
+    with pytest.warns(DeprecationWarning):
+        from sslbench.diagnostics import DIAGNOSTIC_KEYS, collapse_verdict
+        from sslbench.distributed import gather_with_grad, init_distributed
+        from sslbench.evaluate import evaluate_method, extract_features, knn_classify, linear_probe
+    from sslbench.base import collapse_criteria, collectives
+    from sslbench.evaluation import evaluate, features, knn
+    from sslbench.evaluation import linear_probe as probe
+    from sslbench.evaluation.diagnostics import collapse_verdict as verdict
+    from sslbench.training.distributed import init_distributed as init
+
+    assert DIAGNOSTIC_KEYS is collapse_criteria.DIAGNOSTIC_KEYS and collapse_verdict is verdict
+    assert gather_with_grad is collectives.gather_with_grad and init_distributed is init
+    assert (evaluate_method, extract_features) == (evaluate.evaluate_method, features.extract_features)
+    assert (knn_classify, linear_probe) == (knn.knn_classify, probe.linear_probe)
+
+
+def test_old_modules_are_attributes_of_the_package_and_old_training_names_resolve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flat layout imported some modules eagerly, so ``sslbench.augment.two_views`` worked after a
+    bare ``import sslbench``; and ``sslbench.training`` was a module with the loop in it."""
+    _forget(monkeypatch, "augment")
+    with pytest.warns(DeprecationWarning, match=r"sslbench\.augment moved"):
+        assert sslbench.augment.two_views is sslbench.two_views
+    with pytest.raises(AttributeError):
+        _ = sslbench.no_such_module
+    from sslbench.training import loop, step
+
+    with pytest.warns(DeprecationWarning, match=r"sslbench\.training\.(train_loop|optimization_step) moved"):
+        from sslbench.training import optimization_step, train_loop
+    assert train_loop is loop.train_loop and optimization_step is step.optimization_step
 
 
 def test_the_paths_plugins_used_before_the_move_give_the_same_objects(

@@ -150,10 +150,13 @@ class Checkpointing:
         return cls(pair_dir, "", resume=False, enabled=False)
 
     def latest(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from: the newest readable one of this config, if resuming."""
-        if not (self.enabled and self.resume):
-            return None
-        return load_latest_checkpoint(self.pair_dir, self.config_hash)
+        """The checkpoint to resume from (the newest readable one of this config, if resuming); the
+        time rule's clock starts once it is read."""
+        found = None
+        if self.enabled and self.resume:
+            found = load_latest_checkpoint(self.pair_dir, self.config_hash)
+        self.last_saved = time.perf_counter()
+        return found
 
     def time_is_up(self) -> bool:
         """Decided on the main rank and shared, so every rank saves (and synchronises) together."""
@@ -173,10 +176,9 @@ class Checkpointing:
             rng = gather_objects(rng_state(self.augment_generator))
 
             def write() -> None:
-                content = {"method": method.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
-                save_checkpoint(
-                    self.pair_dir, {**payload, "config_hash": self.config_hash, **content}, self.keep
-                )
+                head = {"iteration": payload["iteration"], "config_hash": self.config_hash}
+                weights = {"method": method.state_dict(), "optimizer": optimizer.state_dict()}
+                save_checkpoint(self.pair_dir, head | weights | payload | {"rng": rng}, self.keep)
 
             on_main(write)
             self.last_saved = time.perf_counter()

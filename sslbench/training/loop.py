@@ -59,7 +59,7 @@ def train_loop(
     bar = progress_bar(method, state.iteration, schedules.total, show_progress)
     try:
         for epoch in range(state.iteration // ipe, epochs):
-            for batch_index, (batch, labels) in epoch_batches(loader, epoch, state.iteration - epoch * ipe):
+            for batch_index, (batch, labels) in epoch_batches(loader, epoch, state.first_batch(epoch, ipe)):
                 it = epoch * ipe + batch_index
                 schedules.apply(optimizer, it)
                 views, labels = make_views(batch), labels.to(device, non_blocking=True)
@@ -70,10 +70,7 @@ def train_loop(
                 )
                 state.add_step(step, loss, labels.shape[0] * world_size())  # the global batch
                 if step.diagnose:
-                    record = state.log(step, output, schedules.at(it))
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}", refresh=False
-                    )
+                    state.log(step, output, schedules.at(it), bar)
                     if batch_index < ipe - 1 and checkpoints.time_is_up():
                         checkpoints.save(state, method, optimizer)
                 bar.update(1)

@@ -1,9 +1,9 @@
 """One (method, arch) pair: its plan, its data, the shared training loop, and the evaluation of what it
 trained.
 
-The loop itself (schedules, precision, clipping, EMA updates, the loss guard) lives in
-``sslbench.training.loop``; this module builds what the loop needs for one pair and records the protocol
-beside the numbers.
+The loop lives in ``sslbench.training.loop`` and its step (schedules, precision, clipping, EMA updates,
+the loss guard) in ``sslbench.training.step``; this module builds what the loop needs for one pair and
+records the protocol beside the numbers.
 """
 
 from __future__ import annotations

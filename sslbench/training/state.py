@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from sslbench.base.atomic_io import write_text_atomic
 from sslbench.base.collectives import is_main, rank
@@ -79,6 +80,10 @@ class TrainState:
             "monitor_s": self.aside + self.aside_before,
         }
 
+    def first_batch(self, epoch: int, iterations_per_epoch: int) -> int:
+        """Where an epoch starts: past the resume point in the epoch a resume lands in, else at 0."""
+        return max((self.resumed_at or 0) - epoch * iterations_per_epoch, 0)
+
     def training_seconds(self) -> float:
         return time.perf_counter() - self.started - self.aside + self.wall_before
 
@@ -96,9 +101,9 @@ class TrainState:
         self.images_seen += images
         self.iteration = step.iteration + 1
 
-    def log(self, step: Step, output: StepOutput, schedule_values: dict[str, float]) -> dict[str, Any]:
+    def log(self, step: Step, output: StepOutput, schedule_values: dict[str, float], bar: tqdm) -> None:
         """A "train" record: the checked loss, the schedules, throughput, the method's logs and the
-        collapse diagnostics of the step's embeddings."""
+        collapse diagnostics of the step's embeddings; the loss and images/s also go on the progress bar."""
         loss = self.guard.check()
         with self.timed_aside():
             elapsed = self.training_seconds()
@@ -109,7 +114,7 @@ class TrainState:
             if output.embeddings is not None:
                 record |= embedding_diagnostics(output.embeddings)
             self.records.append(record)
-        return record
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{self.images_seen / elapsed:.1f}", refresh=False)
 
     def write_records(self, pair_dir: Path) -> None:
         """metrics.jsonl, rewritten whole and atomically; in a distributed run by the main rank only."""
