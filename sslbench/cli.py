@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -20,6 +21,7 @@ from sslbench.data.datasets import DATASET_CHOICES
 from sslbench.method.registry import list_methods, load_plugin_file
 from sslbench.models.backbones import ARCHS
 from sslbench.training.distributed import shutdown_distributed
+from sslbench.training.interrupt import RunInterrupted
 
 if TYPE_CHECKING:
     from sslbench.training.experiment import RunOutcome
@@ -95,14 +97,17 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sslbench", description=__doc__.splitlines()[0])
+    # No abbreviated options: the command printed to resume a run must mean what the user typed.
+    parser = argparse.ArgumentParser(prog="sslbench", description=__doc__.splitlines()[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
+    run = commands.add_parser(
+        "run", allow_abbrev=False, help="train and evaluate methods x archs, then write the tables"
+    )
     _add_run_arguments(run)
 
     ablate = commands.add_parser(
-        "ablate", help="train variants of one method under one schedule; ablation table"
+        "ablate", allow_abbrev=False, help="train variants of one method under one schedule; ablation table"
     )
     ablate.add_argument("method", help="the method to ablate; dino has the DINO paper's table built in")
     ablate.add_argument(
@@ -114,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(ablate, with_methods=False)
 
-    attention = commands.add_parser("attention", help="class-token attention maps of a run's ViT pairs (PNG)")
+    attention = commands.add_parser(
+        "attention", allow_abbrev=False, help="class-token attention maps of a run's ViT pairs (PNG)"
+    )
     attention.add_argument("run", help="a run folder, e.g. results/20260101-120000-quick")
     attention.add_argument(
         "--images", nargs="+", default=[], help="image files (default: the run's test split)"
@@ -127,9 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--mass", type=float, default=0.6, help="attention mass the mask keeps (default 0.6)"
     )
 
-    commands.add_parser("list", help="methods (and where each came from), archs, datasets, presets")
+    listing = commands.add_parser(
+        "list", allow_abbrev=False, help="methods (and where each came from), archs, datasets, presets"
+    )
+    listing.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="list the methods of a local file too",
+    )
 
-    report = commands.add_parser("report", help="rebuild or merge tables from saved run folders")
+    report = commands.add_parser(
+        "report", allow_abbrev=False, help="rebuild or merge tables from saved run folders"
+    )
     report.add_argument("runs", nargs="+", help="run folders, e.g. results/20260101-120000-quick")
     report.add_argument("--out", help="where to write the merged tables (default: the first run folder)")
     return parser
@@ -217,7 +235,9 @@ def command_attention(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_list() -> int:
+def command_list(args: argparse.Namespace) -> int:
+    for plugin in args.plugin:
+        load_plugin_file(plugin)
     print("methods:")
     for name, source in list_methods().items():
         print(f"  {name:<12} {source}")
@@ -255,7 +275,37 @@ def _format_warning(
     return f"sslbench: warning: {message}\n"
 
 
+def resume_command(argv: Sequence[str], out_dir: Path) -> str:
+    """The command that continues an interrupted run: the same arguments, ``--out`` the run's folder,
+    ``--resume`` in place of ``--force``."""
+    kept: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("--resume", "--force"):
+            continue
+        if token == "--out":
+            next(tokens, None)
+            continue
+        if not token.startswith("--out="):
+            kept.append(token)
+    return shlex.join(["sslbench", *kept, "--out", str(out_dir), "--resume"])
+
+
+def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str]) -> int:
+    """What was kept, and the exact command that goes on from it."""
+    if not isinstance(stop, RunInterrupted) or stop.out_dir is None:  # before a run folder was made
+        print("sslbench: interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"sslbench: interrupted: {stop.what}. Finished pairs are kept in {stop.out_dir}; to go on from the "
+        f"newest checkpoints:\n  {resume_command(argv, stop.out_dir)}",
+        file=sys.stderr,
+    )
+    return stop.exit_status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
     try:
@@ -266,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 shutdown_distributed()
         if args.command == "list":
-            return command_list()
+            return command_list(args)
         return command_report(args)
     except SSLBenchError as error:
         print(f"sslbench: error: {error}", file=sys.stderr)
@@ -274,9 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early (``sslbench list | head``)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("sslbench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # a run stopped on a signal says how to resume it
+        return _interrupted(stop, argv)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,21 @@ def full_disk_message(path: Path, error: BaseException) -> str:
     )
 
 
+def make_folder(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """``mkdir -p``, with one clear message where it cannot be made (a file in the way, no permission)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:
+        raise SSLBenchError(
+            f"{what} {folder} is a file, not a folder: give a folder (made if missing)"
+        ) from error
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise SSLBenchError(f"cannot make the {what} {folder} ({reason}): give another one") from error
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write to; it replaces ``path`` only if the block succeeds.

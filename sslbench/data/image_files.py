@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -118,6 +118,18 @@ def drop_unreadable(source: FileSource) -> tuple[FileSource, list[tuple[str, str
     skipped = [(str(path), problem) for path, problem in zip(source.paths, problems, strict=True) if problem]
     kept = FileSource([source.paths[i] for i in keep], source.labels[keep], hint=CHECKED_HINT)
     return kept, skipped
+
+
+def unreadable_images(source: Any) -> list[tuple[str, str]]:
+    """``(file, reason)`` for each image of ``source`` that does not decode. It decodes every image: for
+    the small sets an error message asks about, not for a scan of a whole dataset."""
+    found = []
+    for index in range(len(source)):
+        try:
+            source.load(index)
+        except BadImageError as error:
+            found.append((error.file, error.reason))
+    return found
 
 
 def warn_skipped(skipped: list[tuple[str, str]], total: int) -> None:

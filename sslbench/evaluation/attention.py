@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from sslbench.base.atomic_io import atomic_path, write_json_atomic
+from sslbench.base.atomic_io import atomic_path, make_folder, write_json_atomic
 from sslbench.base.errors import SSLBenchError
 from sslbench.data.augment import build_eval_transform
 from sslbench.data.datasets import load_dataset, read_rgb
@@ -288,7 +288,8 @@ def write_attention_report(
     scores when masks are given; returns the written paths."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise SSLBenchError(f"run folder '{run}' does not exist (expected results/<run>/)")
+        problem = "is not a folder" if run.exists() else "does not exist"
+        raise SSLBenchError(f"run folder '{run}' {problem} (expected results/<run>/)")
     if not 0.0 < mass <= 1.0 or num_images < 1:
         raise SSLBenchError(f"need 0 < mass <= 1 and num_images >= 1, got {mass} and {num_images}")
     if mask_paths and len(mask_paths) != len(image_paths):
@@ -306,6 +307,7 @@ def write_attention_report(
         if target.shape != (image.height, image.width):
             size = f"{target.shape[1]}x{target.shape[0]}"
             raise SSLBenchError(f"{path}: mask is {size} but image {name} is {image.width}x{image.height}")
+    make_folder(out, "attention folder")  # checked before any pair loads: a file there is one line
     written: list[Path] = []
     summary: dict[str, Any] = {}
     for folder, ev in pairs:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from sslbench.base.atomic_io import atomic_path, write_text_atomic
+from sslbench.base.atomic_io import atomic_path, make_folder, write_text_atomic
 from sslbench.base.collapse_criteria import DIAGNOSTIC_KEYS
 from sslbench.base.errors import SSLBenchError
 
@@ -116,7 +116,8 @@ def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     for run_dir in run_dirs:
         run_path = Path(run_dir)
         if not run_path.is_dir():
-            raise SSLBenchError(f"run folder '{run_path}' does not exist (expected results/<run>/)")
+            problem = "is not a folder" if run_path.exists() else "does not exist"
+            raise SSLBenchError(f"run folder '{run_path}' {problem} (expected results/<run>/)")
         searched.append(str(run_path))
         for folder in _pair_folders(run_path):
             eval_path = folder / "eval.json"
@@ -347,7 +348,7 @@ def _write_plot(df: pd.DataFrame, path: Path) -> bool:
 def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Write summary.csv, table.md, table.tex and (if anything succeeded) summary.png atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "report folder")
     csv_path, md_path, tex_path, png_path = (out / n for n in ("summary.csv", "table.md", "table.tex",
                                                                  "summary.png"))  # fmt: skip
     with atomic_path(csv_path) as tmp:

@@ -60,6 +60,8 @@ def vary_variants(assignments: list[str]) -> list[Variant]:
 
 
 def variants_for(method: str, config: RunConfig, assignments: list[str]) -> list[Variant]:
+    """The variants ``--vary`` names, or the method's built-in table; an unknown method is named first."""
+    get_method(method)
     if assignments:
         return vary_variants(assignments)
     if method == "dino":

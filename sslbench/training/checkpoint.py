@@ -16,6 +16,7 @@ read (a truncated file) gives a warning and the previous one is used.
 from __future__ import annotations
 
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from sslbench.base.atomic_io import atomic_path
-from sslbench.base.collectives import any_rank, gather_objects, on_main
+from sslbench.base.collectives import any_rank, gather_objects, on_main, world_size
+from sslbench.training.interrupt import RunInterrupted, stop_requested
 
 if TYPE_CHECKING:
     from sslbench.method import Method
@@ -169,8 +171,43 @@ class Checkpointing:
         epoch_due = epoch == epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
         return self.enabled and (epoch_due or self.time_is_up())
 
+    def after_step(
+        self, state: TrainState, method: Method, optimizer: torch.optim.Optimizer, logged: bool, last: bool
+    ) -> None:
+        """Mid-epoch, a checkpoint when the time rule says so (looked at on logged steps), or when a
+        signal asked the run to stop, which it then does. The epoch's ``last`` step leaves both to
+        ``after_epoch``, so an epoch's own work (monitor, records) is never skipped."""
+        if last:
+            return
+        # Every rank must agree before a collective: in a distributed run the request is shared on
+        # logged steps, where the loss guard synchronises anyway.
+        stopping = any_rank(stop_requested() is not None) if logged or world_size() == 1 else False
+        if stopping or (logged and self.time_is_up()):
+            self.save(state, method, optimizer)
+        if stopping:
+            self.stop(state)
+
+    def after_epoch(
+        self, state: TrainState, method: Method, optimizer: torch.optim.Optimizer, epoch: int, epochs: int
+    ) -> None:
+        """After the epoch's own work, a checkpoint when due, or when a signal asked the run to stop."""
+        stopping = any_rank(stop_requested() is not None)
+        if stopping or self.due_after_epoch(epoch, epochs):
+            self.save(state, method, optimizer)
+        if stopping:
+            self.stop(state)
+
+    def stop(self, state: TrainState) -> None:
+        saved = f"checkpoint saved in {self.pair_dir / FOLDER}" if self.enabled else "no checkpoint kept"
+        raise RunInterrupted(
+            f"{self.pair_dir.name} stopped after iteration {state.iteration}; {saved}",
+            signum=stop_requested() or signal.SIGINT,
+        )
+
     def save(self, state: TrainState, method: Method, optimizer: torch.optim.Optimizer) -> None:
         """Everything the next iteration depends on, written by the main rank; every rank's generators."""
+        if not self.enabled:
+            return
         with state.timed_aside():
             payload = state.payload()
             rng = gather_objects(rng_state(self.augment_generator))

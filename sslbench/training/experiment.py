@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -18,21 +19,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 import yaml
+from tqdm.auto import tqdm
 
-from sslbench.base.atomic_io import write_json_atomic, write_text_atomic
+from sslbench.base.atomic_io import make_folder, write_json_atomic, write_text_atomic
 from sslbench.base.collectives import is_main, on_main, world_size
 from sslbench.base.errors import SSLBenchError
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
-from sslbench.data.datasets import DatasetSplits, load_dataset, subset_indices
-from sslbench.data.image_files import BadImageError
+from sslbench.data.datasets import DatasetSplits, SubsetSource, load_dataset, subset_indices
+from sslbench.data.image_files import BadImageError, unreadable_images
 from sslbench.method.registry import get_method, list_methods
-from sslbench.models.backbones import arch_spec
+from sslbench.models.backbones import ARCHS, arch_spec
 from sslbench.reporting.plots import write_collapse_diagnostics, write_training_curves
 from sslbench.reporting.tables import load_results, write_report
 from sslbench.training.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from sslbench.training.distributed import init_distributed
 from sslbench.training.environment import describe_environment
-from sslbench.training.run_folder import RunLock, check_reuse, default_run_dir
+from sslbench.training.interrupt import RunInterrupted, stop_on_signals
+from sslbench.training.run_folder import RunLock, check_out_dir, check_reuse, default_run_dir
 from sslbench.training.runner import PairPlan, plan_pair, train_and_evaluate
 
 
@@ -67,11 +70,7 @@ def resolve_device(name: str) -> torch.device:
 def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> tuple[Path, RunLock]:
     """The run folder (a new unique one by default), locked first, then checked for reuse, with the
     config and the environment saved in it. Nothing in a folder another run holds is touched."""
-    if config.out:
-        out_dir = Path(config.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        out_dir = default_run_dir(config.preset)
+    out_dir = make_folder(config.out, "run folder") if config.out else default_run_dir(config.preset)
     lock = RunLock(out_dir).acquire()
     try:
         check_reuse(out_dir, config_to_dict(config), restart)
@@ -100,10 +99,60 @@ def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> 
         else len(subset_indices(data.train.labels, per_class, config.seed))
     )
     if plan.train.batch_size > images:
+        train = (
+            data.train
+            if per_class is None
+            else SubsetSource(data.train, subset_indices(data.train.labels, per_class, config.seed))
+        )
+        unreadable = unreadable_images(train)  # a small set: the batch is larger than all of it
+        if unreadable:
+            shown = "; ".join(f"{file} ({reason})" for file, reason in unreadable[:3])
+            shown += f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+            readable = images - len(unreadable)
+            if readable == 0:
+                raise SSLBenchError(
+                    f"none of the {images} training image(s) of {plan.folder_name} can be read: {shown}. "
+                    "Replace them, or point --dataset at the right folder"
+                )
+            raise SSLBenchError(
+                f"batch size {plan.train.batch_size} is larger than the training set of {plan.folder_name}: "
+                f"{images} images, of which {len(unreadable)} cannot be read ({shown}). Replace or remove "
+                f"those (--set bad_images=skip leaves them out), and lower --batch-size to {readable} or less"
+            )
         raise SSLBenchError(
             f"batch size {plan.train.batch_size} is larger than the training set ({images} images) of "
             f"{plan.folder_name}: lower --batch-size"
         )
+
+
+class RunProgress:
+    """One line per pair on stderr: which of how many, and the time the whole run has left, estimated
+    from the pairs finished so far (each pair's own bar shows its steps)."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.total, self.show = total, show
+        self.position, self.durations = 0, []
+
+    def skip(self, name: str) -> None:
+        self.position += 1
+        self._say(f"[{self.position}/{self.total}] {name}: finished before, kept")
+
+    def start(self, name: str) -> None:
+        self.position += 1
+        left = self.total - self.position + 1
+        estimate = "estimate after the first pair"
+        if self.durations:
+            seconds = sum(self.durations) / len(self.durations) * left
+            when = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+            estimate = f"about {when} left for the run ({left} pair(s) to go)"
+        self._say(f"[{self.position}/{self.total}] {name}: {estimate}")
+
+    def finish(self, seconds: float) -> None:
+        self.durations.append(seconds)
+
+    def _say(self, line: str) -> None:
+        if self.show:
+            tqdm.write(f"sslbench: {line}", file=sys.stderr)
 
 
 def finished_record(pair_dir: Path) -> dict | None:
@@ -143,11 +192,18 @@ def run_benchmark(
     holds a run: refuse ("new"), continue it ("resume": finished pairs are kept, the others continue
     from their newest checkpoint) or start it over ("force").
     """
+    if not config.methods:
+        raise SSLBenchError(
+            f"no method given: name at least one with --methods (valid: {', '.join(list_methods())})"
+        )
+    if not config.archs:
+        raise SSLBenchError(f"no arch given: name at least one with --arch (valid: {', '.join(ARCHS)})")
     methods = {name: get_method(name) for name in config.methods}
     for name, options in config.method_options.items():  # a typo in any method's section is caught early
         build_dataclass(get_method(name).Config, options, name)
     for arch in config.archs:
         arch_spec(arch)
+    check_out_dir(config.out, restart)  # before the data loads: a typo in --out is refused at once
     device = init_distributed(resolve_device(config.device))  # this rank's device under torchrun
     data = load_dataset(
         config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
@@ -186,7 +242,11 @@ def run_benchmark(
 
     out_dir = on_main(claim)  # every rank agrees on the folder; the main rank holds its lock
     try:
-        return _run_pairs(plans, data, out_dir, show_progress, restart == "resume")
+        with stop_on_signals():
+            return _run_pairs(plans, data, out_dir, show_progress, restart == "resume")
+    except RunInterrupted as stop:
+        stop.out_dir = out_dir  # the command line says how to resume it
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -202,13 +262,16 @@ def _run_pairs(
     sources = list_methods()
 
     failed: list[str] = []
+    progress = RunProgress(len(plans), show_progress and is_main())
     for plan, plan_config in plans:
         name = plan.method_cls.name
         pair_dir = out_dir / plan.folder_name
         if is_main():
             pair_dir.mkdir(parents=True, exist_ok=True)
         if resume and on_main(lambda pair_dir=pair_dir: finished_record(pair_dir)) is not None:
+            progress.skip(plan.folder_name)
             continue  # finished before the interruption: its eval.json stands
+        progress.start(plan.folder_name)
         record = {"method": name, "arch": plan.arch, "variant": plan.variant}
         record["method_source"] = sources.get(name, "unknown")
         started = time.perf_counter()
@@ -239,6 +302,7 @@ def _run_pairs(
             }
             failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
+        progress.finish(record["total_wall_s"])
         write_json_atomic(pair_dir / "eval.json", record)
         if record["status"] == "ok":  # its numbers are final and a resume keeps them: free the disk
             shutil.rmtree(pair_dir / CHECKPOINT_FOLDER, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The one training loop every method goes through, reading top to bottom like the DINO reference's
 ``train_one_epoch``: for each epoch, for each batch, the schedules, the views, one optimization step,
-logging, and a checkpoint when one is due.
+logging, and a checkpoint when one is due or when a signal asks the run to stop.
 
 What the loop does not spell out lives in named pieces: the step and the schedules in
 ``sslbench.training.step``, the position, records and clocks in ``sslbench.training.state``, and when
@@ -71,14 +71,12 @@ def train_loop(
                 state.add_step(step, loss, labels.shape[0] * world_size())  # the global batch
                 if step.diagnose:
                     state.log(step, output, schedules.at(it), bar)
-                    if batch_index < ipe - 1 and checkpoints.time_is_up():
-                        checkpoints.save(state, method, optimizer)
                 bar.update(1)
+                checkpoints.after_step(state, method, optimizer, step.diagnose, batch_index == ipe - 1)
             state.guard.check()
             watch(state, method, monitor, monitor_every, epoch + 1, epochs)
             on_main(lambda: state.write_records(pair_dir))  # a full disk's error reaches every rank
-            if checkpoints.due_after_epoch(epoch, epochs):
-                checkpoints.save(state, method, optimizer)
+            checkpoints.after_epoch(state, method, optimizer, epoch, epochs)
     finally:
         bar.close()
         state.write_records(pair_dir)  # what led up to a failure is worth keeping

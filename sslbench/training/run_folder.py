@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from sslbench.base.atomic_io import make_folder
 from sslbench.base.errors import SSLBenchError
 
 LOCK_NAME = ".lock"
@@ -36,7 +37,7 @@ PAIR_MARKERS = ("eval.json", "metrics.jsonl", "checkpoints", "backbone.pt", "tra
 
 def new_run_dir(root: Path, stem: str) -> Path:
     """``root/stem``, or ``root/stem-2``, ``-3``...: created here, so two runs never share one."""
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root, "results folder")
     for attempt in range(1, 1000):
         candidate = root / (stem if attempt == 1 else f"{stem}-{attempt}")
         try:
@@ -71,6 +72,32 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def holds_a_run(out_dir: Path) -> bool:
     return (out_dir / "config.yaml").exists() or any(out_dir.glob("*/eval.json"))
+
+
+def check_out_dir(out: str | None, restart: str) -> None:
+    """What ``--out`` names must be able to hold a run, checked before anything trains or is written:
+    a folder (or a path one can be made at) that this user may write, and for ``--resume``, a run."""
+    if out is None:
+        if restart != "new":  # the command line asks for --out first; this holds for direct callers
+            raise SSLBenchError(f"--{restart} needs the run folder: add --out PATH")
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SSLBenchError(
+            f"--out {out} is a file, not a folder: give a folder for the run (made if missing)"
+        )
+    if restart == "resume" and not (path.is_dir() and holds_a_run(path)):
+        where = "does not exist" if not path.exists() else "holds no run (no config.yaml or eval.json)"
+        raise SSLBenchError(
+            f"nothing to resume: {out} {where}. Check the path, or drop --resume to start a new run there"
+        )
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise SSLBenchError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SSLBenchError(
+            f"--out {out}: no permission to write in {existing}; choose a folder you can write"
+        )
 
 
 def check_reuse(out_dir: Path, current: dict[str, Any], restart: str) -> None:

@@ -35,6 +35,7 @@ from sslbench.method import Method, TrainContext
 from sslbench.models.backbones import Backbone, arch_spec, create_backbone, effective_patch_size
 from sslbench.training.checkpoint import Checkpointing
 from sslbench.training.distributed import data_parallel, sync_batch_norm
+from sslbench.training.interrupt import ignore_stop_signals, training_section
 from sslbench.training.loop import train_loop
 from sslbench.training.step import memory_format_for, precision_for
 
@@ -145,6 +146,7 @@ def training_data(
         # Its own generator for the workers' base seed, so starting an epoch's iterator never draws
         # from the global generator (a resumed run then draws exactly what an uninterrupted one does).
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,  # the main process stops the run; workers wait for it
     )
     return loader, make_views, generator
 
@@ -258,20 +260,21 @@ def train_pair(
         torch.manual_seed(config.seed + rank())
     watched = {"student": method.backbone, "teacher": method.momentum_backbone()}
     monitor = KnnMonitor(data, config, device, {k: v for k, v in watched.items() if v is not None})
-    return train_loop(
-        method,
-        loader,
-        train_cfg,
-        precision_for(train_cfg, device),
-        device,
-        pair_dir,
-        show_progress,
-        monitor,
-        config.eval.monitor_every,
-        model=data_parallel(method, device),
-        make_views=make_views,
-        checkpointing=checkpointing,
-    )
+    with training_section(pair_dir.name):  # a first Ctrl-C or SIGTERM: the step finishes, a checkpoint
+        return train_loop(
+            method,
+            loader,
+            train_cfg,
+            precision_for(train_cfg, device),
+            device,
+            pair_dir,
+            show_progress,
+            monitor,
+            config.eval.monitor_every,
+            model=data_parallel(method, device),
+            make_views=make_views,
+            checkpointing=checkpointing,
+        )
 
 
 def protocol_record(
