@@ -275,7 +275,14 @@ def _format_warning(
     return f"sslbench: warning: {message}\n"
 
 
-def resume_command(argv: Sequence[str], out_dir: Path) -> str:
+def launcher() -> list[str]:
+    """How this process was started, for the command that resumes it: plain, or under torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return ["sslbench"]
+    return ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "sslbench"]
+
+
+def resume_command(argv: Sequence[str], out_dir: Path, prefix: Sequence[str] = ("sslbench",)) -> str:
     """The command that continues an interrupted run: the same arguments, ``--out`` the run's folder,
     ``--resume`` in place of ``--force``."""
     kept: list[str] = []
@@ -288,19 +295,22 @@ def resume_command(argv: Sequence[str], out_dir: Path) -> str:
             continue
         if not token.startswith("--out="):
             kept.append(token)
-    return shlex.join(["sslbench", *kept, "--out", str(out_dir), "--resume"])
+    return shlex.join([*prefix, *kept, "--out", str(out_dir), "--resume"])
 
 
 def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str]) -> int:
-    """What was kept, and the exact command that goes on from it."""
+    """What was kept, and the exact command that goes on from it (said once, by the main rank)."""
     if not isinstance(stop, RunInterrupted) or stop.out_dir is None:  # before a run folder was made
         print("sslbench: interrupted", file=sys.stderr)
         return 130
-    print(
-        f"sslbench: interrupted: {stop.what}. Finished pairs are kept in {stop.out_dir}; to go on from the "
-        f"newest checkpoints:\n  {resume_command(argv, stop.out_dir)}",
-        file=sys.stderr,
-    )
+    if stop.main:
+        prefix = launcher()
+        nodes = " (and the same torchrun options for more than one node)" if prefix[0] == "torchrun" else ""
+        print(
+            f"sslbench: interrupted: {stop.what}. Finished pairs are kept in {stop.out_dir}; to go on from "
+            f"the newest checkpoints{nodes}:\n  {resume_command(argv, stop.out_dir, prefix)}",
+            file=sys.stderr,
+        )
     return stop.exit_status
 
 

@@ -63,18 +63,42 @@ def known_handlers() -> Iterator[list[int]]:
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
-def test_first_signal_in_training_asks_to_stop_and_the_second_stops_at_once(
-    signum, status, known_handlers, capsys
+def test_first_signal_in_training_asks_to_stop_and_a_second_ctrl_c_stops_at_once(
+    signum, status, known_handlers, capfd
 ):
     with stop_on_signals():
         assert stop_requested() is None
         with pytest.raises(RunInterrupted, match="stopped at once") as second, training_section("pair"):
             _send(signum)  # returns: the step in progress goes on
             assert stop_requested() == signum
-            assert f"{signal.Signals(signum).name}: finishing this step" in capsys.readouterr().err
-            _send(signum)
+            assert f"{signal.Signals(signum).name}: finishing this step" in capfd.readouterr().err
+            _send(signal.SIGINT)
     assert second.value.exit_status == status and second.value.out_dir is None
     assert stop_requested() is None
+
+
+def test_a_repeated_sigterm_is_not_a_second_request(known_handlers):
+    """Schedulers send SIGTERM to every process of a job and torchrun forwards it again: the checkpoint
+    must still be written, so only a Ctrl-C escalates."""
+    with stop_on_signals():
+        with (
+            pytest.raises(RunInterrupted, match="pair stopped after training") as stop,
+            training_section("pair"),
+        ):
+            _send(signal.SIGTERM)
+            _send(signal.SIGTERM)  # ignored: the step goes on to its checkpoint
+            assert stop_requested() == signal.SIGTERM
+        assert stop.value.exit_status == 143
+        _send(signal.SIGTERM)  # a late repeat while the stop unwinds does nothing more
+
+
+def test_a_signal_the_caller_ignores_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job started from a script
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(("signum", "status"), SIGNALS)
@@ -274,7 +298,7 @@ def test_a_signal_mid_epoch_saves_after_the_step_and_the_resume_is_exact(tmp_pat
     with pytest.raises(RunInterrupted) as stop:  # Ctrl-C during the epoch-0 monitor, before any step
         _train(pair_dir, monitor_hook=_signal_at(0))
     saved = pair_dir / "checkpoints"
-    assert str(stop.value) == f"pair stopped after iteration 1; checkpoint saved in {saved}"
+    assert str(stop.value) == f"pair stopped after 1 completed iteration; checkpoint saved in {saved}"
     assert stop.value.exit_status == 130 and stop_requested() is None
     assert [f.name for f in checkpoint_files(pair_dir)] == ["iter-00000001.pt"]  # mid-epoch 0
     records = _records(pair_dir)
@@ -289,7 +313,7 @@ def test_a_signal_in_an_epochs_last_step_stops_after_the_epochs_own_work(tmp_pat
     pair_dir = tmp_path / "pair"
     with pytest.raises(RunInterrupted) as stop:
         _train(pair_dir, views_hook=_signal_at(IPE - 1, signal.SIGTERM))  # in epoch 0's last step
-    assert f"stopped after iteration {IPE};" in str(stop.value) and stop.value.exit_status == 143
+    assert f"stopped after {IPE} completed iterations;" in str(stop.value) and stop.value.exit_status == 143
     assert [f.name for f in checkpoint_files(pair_dir)] == [f"iter-{IPE:08d}.pt"]  # at the epoch's end
     records = _records(pair_dir)
     assert records[-1]["kind"] == "monitor" and records[-1]["epoch"] == 1  # epoch 0's monitor ran
@@ -364,7 +388,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_that_command_finishes_the_ru
     assert "sslbench: SIGINT: finishing this step and saving a checkpoint" in stderr
     folder = out / PAIR / "checkpoints"
     interrupted = re.search(
-        rf"sslbench: interrupted: {PAIR} stopped after iteration (\d+); checkpoint saved in "
+        rf"sslbench: interrupted: {PAIR} stopped after (\d+) completed iterations?; checkpoint saved in "
         rf"{re.escape(str(folder))}\. Finished pairs are kept in {re.escape(str(out))}; to go on from the "
         r"newest checkpoints:\n  (.*)\n",
         stderr,

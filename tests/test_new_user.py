@@ -392,3 +392,28 @@ def test_abbreviated_options_are_refused_so_a_resume_command_means_what_was_type
     command = resume_command(["run", "--methods", "random", "--force", "--out", "old"], Path("results/x"))
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.resume, args.force, args.out) == (True, False, "results/x")
+
+
+def test_the_resume_command_under_torchrun_relaunches_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started by torchrun must not be resumed in one process with the whole global batch."""
+    from sslbench.cli import launcher
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert launcher() == ["sslbench"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    prefix = launcher()
+    assert prefix == ["torchrun", "--nproc_per_node=8", "-m", "sslbench"]
+    command = resume_command(["run", "--methods", "dino"], Path("results/x"), prefix)
+    assert command == "torchrun --nproc_per_node=8 -m sslbench run --methods dino --out results/x --resume"
+
+
+def test_an_out_path_the_system_refuses_to_look_at_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pathlib lets some errors through (a name too long, no permission to look): still one line."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / ("x" * 300) / "run"
+    line = _error(capsys, *QUICK, "--out", str(out))
+    assert line.startswith(f"sslbench: error: --out {out}: File name too long; choose another folder")
+    assert sorted(tmp_path.iterdir()) == []

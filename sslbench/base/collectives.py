@@ -74,6 +74,25 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+_host_group: Any = None  # a gloo group for decisions made on the host; None: the default group is gloo
+
+
+def use_host_group(group: Any) -> None:
+    """Set at start-up under NCCL, whose collectives need device tensors (and so wait for the device)."""
+    global _host_group
+    _host_group = group
+
+
+def max_on_host(value: int) -> int:
+    """The largest ``value`` over ranks, reduced on the host (gloo): it never waits for the device, so
+    asking it every step costs no synchronisation of the GPU's queue."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group)
+    return int(tensor.item())
+
+
 def gather_with_grad(tensor: Tensor) -> Tensor:
     """Every rank's ``tensor`` concatenated along dim 0, in rank order; the gradient of each slice
     returns to the rank that produced it (summed over the ranks that used it)."""

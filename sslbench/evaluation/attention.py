@@ -307,7 +307,6 @@ def write_attention_report(
         if target.shape != (image.height, image.width):
             size = f"{target.shape[1]}x{target.shape[0]}"
             raise SSLBenchError(f"{path}: mask is {size} but image {name} is {image.width}x{image.height}")
-    make_folder(out, "attention folder")  # checked before any pair loads: a file there is one line
     written: list[Path] = []
     summary: dict[str, Any] = {}
     for folder, ev in pairs:
@@ -334,7 +333,7 @@ def write_attention_report(
                 "images": per_image, "mean_heads": float(np.mean([p["mean_heads"] for p in per_image])),
                 "best_head": float(np.mean([p["best_head"] for p in per_image])),
             }  # fmt: skip
-        written.append(out / f"{folder.name}.png")
+        written.append(make_folder(out, "attention folder") / f"{folder.name}.png")  # a file there: one line
         _plot(maps, mean, std, mass, written[-1])
     if targets:
         note = "IoU of each head's mass mask and the object mask, over the centre crop the model sees"

@@ -16,7 +16,6 @@ read (a truncated file) gives a warning and the previous one is used.
 from __future__ import annotations
 
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,8 +26,8 @@ import numpy as np
 import torch
 
 from sslbench.base.atomic_io import atomic_path
-from sslbench.base.collectives import any_rank, gather_objects, on_main, world_size
-from sslbench.training.interrupt import RunInterrupted, stop_requested
+from sslbench.base.collectives import any_rank, gather_objects, on_main
+from sslbench.training.interrupt import RunInterrupted, agreed_stop
 
 if TYPE_CHECKING:
     from sslbench.method import Method
@@ -179,30 +178,26 @@ class Checkpointing:
         ``after_epoch``, so an epoch's own work (monitor, records) is never skipped."""
         if last:
             return
-        # Every rank must agree before a collective: in a distributed run the request is shared on
-        # logged steps, where the loss guard synchronises anyway.
-        stopping = any_rank(stop_requested() is not None) if logged or world_size() == 1 else False
-        if stopping or (logged and self.time_is_up()):
+        signum = agreed_stop()  # every step, reduced on the host: no wait for the device
+        if signum or (logged and self.time_is_up()):
             self.save(state, method, optimizer)
-        if stopping:
-            self.stop(state)
+        if signum:
+            self.stop(state, signum)
 
     def after_epoch(
         self, state: TrainState, method: Method, optimizer: torch.optim.Optimizer, epoch: int, epochs: int
     ) -> None:
         """After the epoch's own work, a checkpoint when due, or when a signal asked the run to stop."""
-        stopping = any_rank(stop_requested() is not None)
-        if stopping or self.due_after_epoch(epoch, epochs):
+        signum = agreed_stop()
+        if signum or self.due_after_epoch(epoch, epochs):
             self.save(state, method, optimizer)
-        if stopping:
-            self.stop(state)
+        if signum:
+            self.stop(state, signum)
 
-    def stop(self, state: TrainState) -> None:
+    def stop(self, state: TrainState, signum: int) -> None:
         saved = f"checkpoint saved in {self.pair_dir / FOLDER}" if self.enabled else "no checkpoint kept"
-        raise RunInterrupted(
-            f"{self.pair_dir.name} stopped after iteration {state.iteration}; {saved}",
-            signum=stop_requested() or signal.SIGINT,
-        )
+        done = f"{state.iteration} completed iteration{'s' if state.iteration != 1 else ''}"
+        raise RunInterrupted(f"{self.pair_dir.name} stopped after {done}; {saved}", signum=signum)
 
     def save(self, state: TrainState, method: Method, optimizer: torch.optim.Optimizer) -> None:
         """Everything the next iteration depends on, written by the main rank; every rank's generators."""

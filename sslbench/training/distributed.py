@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from sslbench.base.collectives import is_distributed
+from sslbench.base.collectives import is_distributed, use_host_group
 
 # The helper ranks wait in a collective while the main rank evaluates a pair or monitors: allow for it.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
@@ -44,6 +44,7 @@ def init_distributed(device: torch.device) -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT)
+        use_host_group(dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT))  # stop requests
         return torch.device("cuda", local_rank)
     dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return device

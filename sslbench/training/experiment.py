@@ -34,7 +34,7 @@ from sslbench.reporting.tables import load_results, write_report
 from sslbench.training.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from sslbench.training.distributed import init_distributed
 from sslbench.training.environment import describe_environment
-from sslbench.training.interrupt import RunInterrupted, stop_on_signals
+from sslbench.training.interrupt import RunInterrupted, agreed_stop, stop_on_signals
 from sslbench.training.run_folder import RunLock, check_out_dir, check_reuse, default_run_dir
 from sslbench.training.runner import PairPlan, plan_pair, train_and_evaluate
 
@@ -114,10 +114,11 @@ def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> 
                     f"none of the {images} training image(s) of {plan.folder_name} can be read: {shown}. "
                     "Replace them, or point --dataset at the right folder"
                 )
+            skip = " (--set bad_images=skip leaves them out)" if config.bad_images != "skip" else ""
             raise SSLBenchError(
                 f"batch size {plan.train.batch_size} is larger than the training set of {plan.folder_name}: "
                 f"{images} images, of which {len(unreadable)} cannot be read ({shown}). Replace or remove "
-                f"those (--set bad_images=skip leaves them out), and lower --batch-size to {readable} or less"
+                f"those{skip}, and lower --batch-size to {readable} or less"
             )
         raise SSLBenchError(
             f"batch size {plan.train.batch_size} is larger than the training set ({images} images) of "
@@ -245,7 +246,7 @@ def run_benchmark(
         with stop_on_signals():
             return _run_pairs(plans, data, out_dir, show_progress, restart == "resume")
     except RunInterrupted as stop:
-        stop.out_dir = out_dir  # the command line says how to resume it
+        stop.out_dir, stop.main = out_dir, is_main()  # the main rank's command line says how to resume it
         raise
     finally:
         if lock is not None:
@@ -271,6 +272,9 @@ def _run_pairs(
         if resume and on_main(lambda pair_dir=pair_dir: finished_record(pair_dir)) is not None:
             progress.skip(plan.folder_name)
             continue  # finished before the interruption: its eval.json stands
+        signum = agreed_stop()  # asked while a pair failed, or between pairs: stop before the next one
+        if signum:
+            raise RunInterrupted(f"stopped before {plan.folder_name}", signum=signum)
         progress.start(plan.folder_name)
         record = {"method": name, "arch": plan.arch, "variant": plan.variant}
         record["method_source"] = sources.get(name, "unknown")

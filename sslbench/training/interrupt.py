@@ -2,19 +2,23 @@
 
 While a pair trains, the first signal lets the step in progress finish; the loop then writes a
 checkpoint and stops the run with ``RunInterrupted``, and the command line prints the exact command that
-resumes it. A second signal stops at once. Outside training (loading data, evaluating) the first signal
-stops at once: the newest checkpoint is then the one to resume from.
+resumes it. A second Ctrl-C stops at once; a repeated SIGTERM does not (schedulers send it to every
+process of a job, and torchrun forwards it again; their SIGKILL follows anyway). Outside training
+(loading data, evaluating) the first signal stops at once: the newest checkpoint is then the one to
+resume from. In a distributed run the ranks agree on the request every step, on the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+
+from sslbench.base.collectives import is_main, max_on_host
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -31,6 +35,7 @@ class RunInterrupted(KeyboardInterrupt):
         self.what = what
         self.out_dir = out_dir
         self.signum = signum
+        self.main = True  # False on the other ranks of a distributed run: the main rank reports
 
     @property
     def exit_status(self) -> int:
@@ -43,17 +48,19 @@ class _StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None  # the first signal received while training
         self.training = False
+        self.stopping = False  # raised once already: a repeated SIGTERM is not a second request
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.training and self.signum is None:
             self.signum = signum
-            print(
-                f"\nsslbench: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                "(send it again to stop at once)",
-                file=sys.stderr,
-                flush=True,
-            )
+            if is_main():  # os.write, not print: the signal may have interrupted a write to stderr
+                name = signal.Signals(signum).name
+                note = f"\nsslbench: {name}: finishing this step and saving a checkpoint"
+                os.write(2, f"{note} (Ctrl-C again stops at once)\n".encode())
             return
+        if signum == signal.SIGTERM and (self.signum is not None or self.stopping):
+            return
+        self.stopping = True
         raise RunInterrupted("stopped at once", signum=self.signum or signum)
 
 
@@ -61,25 +68,34 @@ _request = _StopRequest()
 
 
 def stop_requested() -> int | None:
-    """The signal that asked training to stop, or None."""
+    """The signal that asked this process to stop, or None."""
     return _request.signum
+
+
+def agreed_stop() -> int | None:
+    """The stop request of any rank (every rank calls this at the same point), or None."""
+    return max_on_host(_request.signum or 0) or None
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """For the length of a run, SIGINT and SIGTERM stop it as described above (main thread only: Python
-    delivers signals there; elsewhere, and under a test's own handlers, nothing changes)."""
+    delivers signals there; a signal the caller ignores, as a background job's SIGINT, stays ignored)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _request.handle) for signum in STOP_SIGNALS}
-    _request.signum = None
+    previous = {
+        signum: signal.signal(signum, _request.handle)
+        for signum in STOP_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
+    _request.signum, _request.stopping = None, False
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _request.signum, _request.training = None, False
+        _request.signum, _request.training, _request.stopping = None, False, False
 
 
 @contextlib.contextmanager
@@ -91,12 +107,29 @@ def training_section(pair: str) -> Iterator[None]:
         yield
     finally:
         _request.training = False
-    if _request.signum is not None:
-        raise RunInterrupted(f"{pair} stopped after training, before evaluation", signum=_request.signum)
+    signum = agreed_stop()  # every rank gets here when the loop returns; an exception skips it on all
+    if signum is not None:
+        raise RunInterrupted(f"{pair} stopped after training, before evaluation", signum=signum)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """While data-loader workers start: they inherit the blocked signals, so a Ctrl-C can reach none of
+    them before ``ignore_stop_signals`` runs (the main process decides when to stop)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A data-loader worker's ``worker_init_fn``: the main process decides when to stop, so a Ctrl-C sent
-    to the whole process group must not kill the workers under a step that is finishing."""
+    """A data-loader worker's ``worker_init_fn``: the workers leave stopping to the training process, so
+    a Ctrl-C sent to the whole process group does not kill them under a step that is finishing."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are now dropped

@@ -22,6 +22,7 @@ from sslbench.base.collectives import is_main, on_main, world_size
 from sslbench.config import TrainConfig
 from sslbench.method import Method, Step
 from sslbench.training.checkpoint import Checkpointing
+from sslbench.training.interrupt import stop_signals_deferred
 from sslbench.training.optim import build_optimizer, parameter_groups
 from sslbench.training.state import TrainState
 from sslbench.training.step import Schedules, device_views, memory_format_for, optimization_step
@@ -94,7 +95,9 @@ def epoch_batches(loader: DataLoader, epoch: int, first_batch: int) -> Iterator[
             sampler.set_epoch(epoch)
     elif first_batch:
         raise ValueError("resuming mid-epoch needs a sampler with set_epoch(epoch, skip=...)")
-    return enumerate(loader, start=first_batch)
+    with stop_signals_deferred():  # workers start here: a Ctrl-C must reach the training process alone
+        batches = iter(loader)
+    return enumerate(batches, start=first_batch)
 
 
 def logging_due(iteration: int, train_cfg: TrainConfig, schedules: Schedules) -> bool:

@@ -81,7 +81,13 @@ def check_out_dir(out: str | None, restart: str) -> None:
         if restart != "new":  # the command line asks for --out first; this holds for direct callers
             raise SSLBenchError(f"--{restart} needs the run folder: add --out PATH")
         return
-    path = Path(out)
+    try:
+        _check_out_path(Path(out), out, restart)
+    except OSError as error:  # a folder we may not look into, a name too long: one line all the same
+        raise SSLBenchError(f"--out {out}: {error.strerror or error}; choose another folder") from error
+
+
+def _check_out_path(path: Path, out: str, restart: str) -> None:
     if path.exists() and not path.is_dir():
         raise SSLBenchError(
             f"--out {out} is a file, not a folder: give a folder for the run (made if missing)"
