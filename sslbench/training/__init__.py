@@ -1,6 +1,6 @@
 """Training every method alike: the run of all pairs (``experiment``), one pair (``runner``), the loop
-(``loop``) and its step (``step``) and state (``state``), optimizers, checkpoints, distributed training,
-run folders and ablations."""
+(``loop``) and its step (``step``) and state (``state``), optimizers, checkpoints, stopping on a signal
+(``interrupt``), distributed training, run folders and ablations."""
 
 from __future__ import annotations
 
