@@ -96,18 +96,23 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options, for the command and (as the class subcommands are made of) every
+    subcommand: the command printed to resume a run must mean what the user typed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    # No abbreviated options: the command printed to resume a run must mean what the user typed.
-    parser = argparse.ArgumentParser(prog="sslbench", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = _Parser(prog="sslbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser(
-        "run", allow_abbrev=False, help="train and evaluate methods x archs, then write the tables"
-    )
+    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
     _add_run_arguments(run)
 
     ablate = commands.add_parser(
-        "ablate", allow_abbrev=False, help="train variants of one method under one schedule; ablation table"
+        "ablate", help="train variants of one method under one schedule; ablation table"
     )
     ablate.add_argument("method", help="the method to ablate; dino has the DINO paper's table built in")
     ablate.add_argument(
@@ -119,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(ablate, with_methods=False)
 
-    attention = commands.add_parser(
-        "attention", allow_abbrev=False, help="class-token attention maps of a run's ViT pairs (PNG)"
-    )
+    attention = commands.add_parser("attention", help="class-token attention maps of a run's ViT pairs (PNG)")
     attention.add_argument("run", help="a run folder, e.g. results/20260101-120000-quick")
     attention.add_argument(
         "--images", nargs="+", default=[], help="image files (default: the run's test split)"
@@ -134,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mass", type=float, default=0.6, help="attention mass the mask keeps (default 0.6)"
     )
 
-    listing = commands.add_parser(
-        "list", allow_abbrev=False, help="methods (and where each came from), archs, datasets, presets"
-    )
+    listing = commands.add_parser("list", help="methods (and where each came from), archs, datasets, presets")
     listing.add_argument(
         "--plugin",
         action="append",
@@ -145,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the methods of a local file too",
     )
 
-    report = commands.add_parser(
-        "report", allow_abbrev=False, help="rebuild or merge tables from saved run folders"
-    )
+    report = commands.add_parser("report", help="rebuild or merge tables from saved run folders")
     report.add_argument("runs", nargs="+", help="run folders, e.g. results/20260101-120000-quick")
     report.add_argument("--out", help="where to write the merged tables (default: the first run folder)")
     return parser

@@ -1,6 +1,6 @@
 """What a new user runs into first: an empty --methods or --arch, an --out that cannot hold a run, a
---resume with nothing to resume, a tiny ImageFolder tree with unreadable images, a plugin file to list,
-and the one line per pair that says how far a run is.
+--resume with nothing to resume, a tiny ImageFolder tree with unreadable images, a plugin file to list.
+(What a run says while it runs and when it stops is in test_run_messages.py.)
 
 Every refusal is one line, status 2, no traceback, and leaves nothing on disk. Runs go through
 ``main(argv)`` in this process with the ``random`` method (nothing to train) or a check that fires before
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from pathlib import Path
 
 import pytest
-from test_bad_input import BUILT_IN_METHODS, QUICK, TINY_TRAIN, _error, _jpeg_bytes, _png, _run
+from test_bad_input import BUILT_IN_METHODS, QUICK, TINY_TRAIN, _error, _jpeg_bytes, _png
 
-from sslbench.cli import build_parser, main, resume_command
+from sslbench.cli import main
 from sslbench.models.backbones import ARCHS
-from sslbench.training.experiment import RunProgress
-
-PROGRESS = [arg for arg in QUICK if arg != "--no-progress"]  # QUICK with the per-pair lines shown
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
@@ -137,6 +133,17 @@ def test_out_in_a_folder_without_write_permission_simulated(
         f"sslbench: error: --out {out}: no permission to write in {locked}; choose a folder you can write"
     )
     assert list(locked.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+
+
+def test_an_out_path_the_system_refuses_to_look_at_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pathlib lets some errors through (a name too long, no permission to look): still one line."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / ("x" * 300) / "run"
+    line = _error(capsys, *QUICK, "--out", str(out))
+    assert line.startswith(f"sslbench: error: --out {out}: File name too long; choose another folder")
+    assert sorted(tmp_path.iterdir()) == []
 
 
 # --- --resume with nothing to resume ------------------------------------------------------------------------
@@ -288,132 +295,3 @@ def test_list_with_a_missing_plugin_file(
         "@register_method)\n"
     )
     assert captured.out == "" and not missing.exists()
-
-
-# --- one line per pair --------------------------------------------------------------------------------------
-
-
-def _pair_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("sslbench: [")]
-
-
-def test_a_run_of_two_pairs_says_how_far_it_is(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """Then a resume of the finished run keeps both pairs and says so, pair by pair."""
-    out = tmp_path / "out"
-    code, stderr = _run(capsys, *PROGRESS, "--arch", "resnet18,vit_tiny16", "--out", str(out))
-    assert code == 0 and "Traceback" not in stderr
-    first, second = _pair_lines(stderr)
-    assert first == "sslbench: [1/2] random-resnet18: estimate after the first pair"
-    assert re.fullmatch(
-        r"sslbench: \[2/2\] random-vit_tiny16: about \d+ s left for the run \(1 pair\(s\) to go\)", second
-    ), second
-    code, stderr = _run(capsys, *PROGRESS, "--arch", "resnet18,vit_tiny16", "--out", str(out), "--resume")
-    assert code == 0 and "Traceback" not in stderr
-    assert _pair_lines(stderr) == [
-        "sslbench: [1/2] random-resnet18: finished before, kept",
-        "sslbench: [2/2] random-vit_tiny16: finished before, kept",
-    ]
-
-
-def test_no_progress_prints_no_pair_lines(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, stderr = _run(capsys, *QUICK, "--out", str(tmp_path / "out"))
-    assert code == 0 and "Traceback" not in stderr
-    assert _pair_lines(stderr) == [] and "sslbench: [" not in stderr
-
-
-def test_run_progress_estimate(capsys: pytest.CaptureFixture[str]) -> None:
-    """The mean pair time so far times the pairs left, the starting one included; minutes from 120 s.
-    Two pairs of 60 s and 120 s, pair 3 of 5 starting: 90 s x 3 = 270 s = 4.5 min, printed by
-    ``{:.0f}`` (round half to even) as 4 min."""
-    progress = RunProgress(5, show=True)
-    progress.start("a")
-    progress.finish(60.0)
-    progress.start("b")
-    progress.finish(120.0)
-    progress.start("c")
-    progress.finish(30.0)  # mean 70 s
-    progress.start("d")  # 70 s x 2 = 140 s
-    progress.finish(10.0)  # mean 55 s
-    progress.start("e")  # 55 s x 1
-    assert capsys.readouterr().err.splitlines() == [
-        "sslbench: [1/5] a: estimate after the first pair",
-        "sslbench: [2/5] b: about 4 min left for the run (4 pair(s) to go)",  # 60 s x 4
-        "sslbench: [3/5] c: about 4 min left for the run (3 pair(s) to go)",
-        "sslbench: [4/5] d: about 2 min left for the run (2 pair(s) to go)",
-        "sslbench: [5/5] e: about 55 s left for the run (1 pair(s) to go)",
-    ]
-
-
-def test_run_progress_skip_and_silence(capsys: pytest.CaptureFixture[str]) -> None:
-    progress = RunProgress(3, show=True)
-    progress.skip("random-resnet18")
-    progress.start("dino-resnet18")  # nothing timed yet: a kept pair says nothing about the time
-    progress.finish(10.0)
-    progress.start("byol-resnet18")
-    assert capsys.readouterr().err.splitlines() == [
-        "sslbench: [1/3] random-resnet18: finished before, kept",
-        "sslbench: [2/3] dino-resnet18: estimate after the first pair",
-        "sslbench: [3/3] byol-resnet18: about 10 s left for the run (1 pair(s) to go)",
-    ]
-    quiet = RunProgress(2, show=False)
-    quiet.skip("a")
-    quiet.start("b")
-    assert capsys.readouterr().err == ""
-
-
-# --- the command that resumes an interrupted run ------------------------------------------------------------
-
-
-def test_resume_command_replaces_out_and_force() -> None:
-    argv = ["run", "--methods", "dino", "--out", "old", "--force", "--set", "a=b c"]
-    command = resume_command(argv, Path("results/x"))
-    assert command == "sslbench run --methods dino --set 'a=b c' --out results/x --resume"
-    assert shlex.split(command) == [
-        "sslbench", "run", "--methods", "dino", "--set", "a=b c", "--out", "results/x", "--resume"
-    ]  # fmt: skip
-    args = build_parser().parse_args(shlex.split(command)[1:])  # a command the parser takes as it is
-    assert (args.out, args.resume, args.force, args.assignments) == ("results/x", True, False, ["a=b c"])
-
-
-def test_resume_command_drops_out_equals_and_an_earlier_resume() -> None:
-    argv = ["run", "--out=old", "--resume", "--arch", "resnet18", "--resume"]
-    assert resume_command(argv, Path("results/x")) == "sslbench run --arch resnet18 --out results/x --resume"
-    spaced = resume_command(["ablate", "dino", "--vary", "dino.teacher_temp=0.04,0.07"], Path("my runs/a"))
-    assert spaced == "sslbench ablate dino --vary dino.teacher_temp=0.04,0.07 --out 'my runs/a' --resume"
-
-
-def test_abbreviated_options_are_refused_so_a_resume_command_means_what_was_typed(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """argparse would take --forc for --force; the printed resume command drops --force only by its name."""
-    with pytest.raises(SystemExit) as stopped:
-        build_parser().parse_args(["run", "--methods", "random", "--forc", "--out", "old"])
-    assert stopped.value.code == 2 and "unrecognized arguments: --forc" in capsys.readouterr().err
-    command = resume_command(["run", "--methods", "random", "--force", "--out", "old"], Path("results/x"))
-    args = build_parser().parse_args(shlex.split(command)[1:])
-    assert (args.resume, args.force, args.out) == (True, False, "results/x")
-
-
-def test_the_resume_command_under_torchrun_relaunches_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run started by torchrun must not be resumed in one process with the whole global batch."""
-    from sslbench.cli import launcher
-
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert launcher() == ["sslbench"]
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    prefix = launcher()
-    assert prefix == ["torchrun", "--nproc_per_node=8", "-m", "sslbench"]
-    command = resume_command(["run", "--methods", "dino"], Path("results/x"), prefix)
-    assert command == "torchrun --nproc_per_node=8 -m sslbench run --methods dino --out results/x --resume"
-
-
-def test_an_out_path_the_system_refuses_to_look_at_is_one_line(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """pathlib lets some errors through (a name too long, no permission to look): still one line."""
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / ("x" * 300) / "run"
-    line = _error(capsys, *QUICK, "--out", str(out))
-    assert line.startswith(f"sslbench: error: --out {out}: File name too long; choose another folder")
-    assert sorted(tmp_path.iterdir()) == []

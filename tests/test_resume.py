@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_pair import tiny_byol_pair
 
 from sslbench.training.checkpoint import (
     checkpoint_files,
@@ -97,40 +98,11 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
 
 
 def _train(out: Path, resume: bool) -> torch.nn.Module:
-    from sslbench import TrainContext, create_backbone, get_method
     from sslbench.config import TrainConfig
-    from sslbench.data.sampling import EpochSampler, SeededViews
     from sslbench.training.checkpoint import Checkpointing
     from sslbench.training.loop import train_loop
 
-    torch.manual_seed(0)
-    method_cls = get_method("byol")
-    options = method_cls.Config(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
-    method = method_cls(create_backbone("resnet18", 16), options, TrainContext(3, 2, 4, 16))
-    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-
-    class Source:
-        labels = np.arange(8) % 4
-
-        def __len__(self) -> int:
-            return 8
-
-        def load(self, index: int):
-            from PIL import Image
-
-            return Image.fromarray(images[index])
-
-    def views(image):
-        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-        noise = torch.randn_like(tensor) * 0.1  # seeded per (epoch, image) by SeededViews
-        return [tensor + noise, tensor - noise]
-
-    loader = torch.utils.data.DataLoader(
-        SeededViews(Source(), views, seed=0),
-        batch_size=4,
-        sampler=EpochSampler(8, 0, 4),
-        generator=torch.Generator().manual_seed(0),
-    )
+    method, loader = tiny_byol_pair(epochs=3)
     train_cfg = TrainConfig(epochs=3, batch_size=4, log_every=1, keep_checkpoints=2)
     checkpointing = Checkpointing(out, "hash", every_epochs=1, every_minutes=0, keep=2, resume=resume)
     train_loop(

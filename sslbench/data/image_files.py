@@ -29,7 +29,7 @@ SKIP_HINT = "fix or remove the file, or drop unreadable images with --set bad_im
 CHECKED_HINT = "its header passed the bad_images=skip check but its image data is damaged: fix or remove it"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _CHECK_CHUNK = 256  # files per task: threads hide file-system latency without one future per file
-_SHOWN = 3  # skipped files named in the warning
+_SHOWN = 3  # unreadable files named in a message
 
 
 class BadImageError(SSLBenchError):
@@ -132,16 +132,18 @@ def unreadable_images(source: Any) -> list[tuple[str, str]]:
     return found
 
 
+def name_files(found: list[tuple[str, str]]) -> str:
+    """``file (reason); ...`` for the first few unreadable files, and how many more there are."""
+    shown = "; ".join(f"{file} ({reason})" for file, reason in found[:_SHOWN])
+    return shown + (f"; and {len(found) - _SHOWN} more" if len(found) > _SHOWN else "")
+
+
 def warn_skipped(skipped: list[tuple[str, str]], total: int) -> None:
     """One warning for all the files a ``skip`` policy dropped, naming the first few and why."""
     if not skipped:
         return
-    shown = "; ".join(f"{file} ({reason})" for file, reason in skipped[:_SHOWN])
-    more = f"; and {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
-    warnings.warn(
-        f"skipped {len(skipped)} unreadable image file(s) of {total} (bad_images=skip): {shown}{more}",
-        stacklevel=3,
-    )
+    count = f"{len(skipped)} unreadable image file(s) of {total}"
+    warnings.warn(f"skipped {count} (bad_images=skip): {name_files(skipped)}", stacklevel=3)
 
 
 def check_policy(bad_images: str) -> None:

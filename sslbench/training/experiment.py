@@ -25,8 +25,8 @@ from sslbench.base.atomic_io import make_folder, write_json_atomic, write_text_a
 from sslbench.base.collectives import is_main, on_main, world_size
 from sslbench.base.errors import SSLBenchError
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
-from sslbench.data.datasets import DatasetSplits, SubsetSource, load_dataset, subset_indices
-from sslbench.data.image_files import BadImageError, unreadable_images
+from sslbench.data.datasets import DatasetSplits, load_dataset
+from sslbench.data.image_files import BadImageError, name_files, unreadable_images
 from sslbench.method.registry import get_method, list_methods
 from sslbench.models.backbones import ARCHS, arch_spec
 from sslbench.reporting.plots import write_collapse_diagnostics, write_training_curves
@@ -36,7 +36,7 @@ from sslbench.training.distributed import init_distributed
 from sslbench.training.environment import describe_environment
 from sslbench.training.interrupt import RunInterrupted, agreed_stop, stop_on_signals
 from sslbench.training.run_folder import RunLock, check_out_dir, check_reuse, default_run_dir
-from sslbench.training.runner import PairPlan, plan_pair, train_and_evaluate
+from sslbench.training.runner import PairPlan, plan_pair, train_and_evaluate, training_source
 
 
 @dataclass
@@ -92,38 +92,27 @@ def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> 
             f"batch size {plan.train.batch_size} (the global batch) does not divide among {world_size()} "
             "processes: use a multiple of the process count"
         )
-    per_class = plan.train.train_per_class
-    images = (
-        len(data.train)
-        if per_class is None
-        else len(subset_indices(data.train.labels, per_class, config.seed))
-    )
-    if plan.train.batch_size > images:
-        train = (
-            data.train
-            if per_class is None
-            else SubsetSource(data.train, subset_indices(data.train.labels, per_class, config.seed))
-        )
-        unreadable = unreadable_images(train)  # a small set: the batch is larger than all of it
-        if unreadable:
-            shown = "; ".join(f"{file} ({reason})" for file, reason in unreadable[:3])
-            shown += f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
-            readable = images - len(unreadable)
-            if readable == 0:
-                raise SSLBenchError(
-                    f"none of the {images} training image(s) of {plan.folder_name} can be read: {shown}. "
-                    "Replace them, or point --dataset at the right folder"
-                )
-            skip = " (--set bad_images=skip leaves them out)" if config.bad_images != "skip" else ""
-            raise SSLBenchError(
-                f"batch size {plan.train.batch_size} is larger than the training set of {plan.folder_name}: "
-                f"{images} images, of which {len(unreadable)} cannot be read ({shown}). Replace or remove "
-                f"those{skip}, and lower --batch-size to {readable} or less"
-            )
+    train = training_source(data, plan.train, config.seed)
+    if plan.train.batch_size <= len(train):
+        return
+    unreadable = unreadable_images(train)  # a small set: the batch is larger than all of it
+    readable = len(train) - len(unreadable)
+    if unreadable and readable == 0:
         raise SSLBenchError(
-            f"batch size {plan.train.batch_size} is larger than the training set ({images} images) of "
-            f"{plan.folder_name}: lower --batch-size"
+            f"none of the {len(train)} training image(s) of {plan.folder_name} can be read: "
+            f"{name_files(unreadable)}. Replace them, or point --dataset at the right folder"
         )
+    if unreadable:
+        skip = " (--set bad_images=skip leaves them out)" if config.bad_images != "skip" else ""
+        raise SSLBenchError(
+            f"batch size {plan.train.batch_size} is larger than the training set of {plan.folder_name}: "
+            f"{len(train)} images, of which {len(unreadable)} cannot be read ({name_files(unreadable)}). "
+            f"Replace or remove those{skip}, and lower --batch-size to {readable} or less"
+        )
+    raise SSLBenchError(
+        f"batch size {plan.train.batch_size} is larger than the training set ({len(train)} images) of "
+        f"{plan.folder_name}: lower --batch-size"
+    )
 
 
 class RunProgress:
