@@ -13,7 +13,10 @@ from PIL import Image
 
 from sslbench.data.augment import (
     MultiViewTransform,
+    PILGaussianBlur,
     ViewRecipe,
+    blur_description,
+    blurs,
     build_eval_transform,
     build_view_transform,
     crop_sizes,
@@ -58,7 +61,7 @@ def _blur_p(pipeline: T.Compose) -> float:
     ps = [
         s.p
         for s in _steps(pipeline)
-        if isinstance(s, T.RandomApply) and isinstance(s.transforms[0], T.GaussianBlur)
+        if isinstance(s, T.RandomApply) and isinstance(s.transforms[0], PILGaussianBlur)
     ]
     assert len(ps) <= 1
     return ps[0] if ps else 0.0
@@ -153,7 +156,7 @@ def test_to_rgb_keeps_rgb_images_and_converts_grey() -> None:
 
 
 def test_asymmetric_pipelines_follow_byol_table_6() -> None:
-    transform = build_view_transform(two_views(asymmetric=True), 32, MEAN, STD)
+    transform = build_view_transform(two_views(asymmetric=True), 224, MEAN, STD)
     first, second = transform.global_views
     assert (_blur_p(first), _solarize_p(first)) == (1.0, 0.0)
     assert (_blur_p(second), _solarize_p(second)) == (0.1, 0.2)
@@ -183,11 +186,13 @@ def test_asymmetric_solarize_rates_measured() -> None:
 
 
 def test_multicrop_pipelines_follow_dino_reference() -> None:
-    transform = build_view_transform(multi_crop(4), 32, MEAN, STD)
-    first, second = transform.global_views
+    at_224 = build_view_transform(multi_crop(4), 224, MEAN, STD)
+    first, second = at_224.global_views
     assert (_blur_p(first), _solarize_p(first)) == (1.0, 0.0)
     assert (_blur_p(second), _solarize_p(second)) == (0.1, 0.2)
-    assert (_blur_p(transform.local_view), _solarize_p(transform.local_view)) == (0.5, 0.0)
+    assert (_blur_p(at_224.local_view), _solarize_p(at_224.local_view)) == (0.5, 0.0)
+    transform = build_view_transform(multi_crop(4), 32, MEAN, STD)
+    first, second = transform.global_views
     assert transform.num_local_crops == 4
     crops = [
         s for p in (first, transform.local_view) for s in _steps(p) if isinstance(s, T.RandomResizedCrop)
@@ -207,14 +212,48 @@ def test_symmetric_uses_cifar_recipe_when_small_and_imagenet_recipe_when_large()
             assert (_blur_p(pipeline), _solarize_p(pipeline)) == (blur_p, 0.0)
 
 
-def test_blur_is_scaled_to_the_crop() -> None:
-    reference = gaussian_blur(1.0, 224).transforms[0]
-    assert reference.kernel_size == (23, 23)
-    assert reference.sigma == pytest.approx((0.1, 2.0))
-    small = gaussian_blur(1.0, 32).transforms[0]
-    assert small.kernel_size == (3, 3)
-    assert small.sigma == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
-    assert gaussian_blur(1.0, 96).transforms[0].kernel_size[0] % 2 == 1
+def test_blur_is_the_reference_blur_on_crops_of_96_px_or_more() -> None:
+    step = gaussian_blur(0.5)
+    assert step.p == 0.5 and isinstance(step.transforms[0], PILGaussianBlur)
+    assert step.transforms[0].radius == (0.1, 2.0)
+    assert (blurs(224), blurs(96), blurs(95), blurs(32)) == (True, True, False, False)
+    for recipe in (two_views(), two_views(asymmetric=True), multi_crop(2)):
+        small = build_view_transform(recipe, 32, MEAN, STD)
+        assert all(_blur_p(p) == 0.0 for p in [*small.global_views, small.local_view] if p is not None)
+    between = build_view_transform(multi_crop(2), 128, MEAN, STD)  # crops 128 and 55 px
+    assert (_blur_p(between.global_views[0]), _blur_p(between.local_view)) == (1.0, 0.0)
+
+
+def test_pil_blur_draws_a_uniform_radius_and_applies_pils_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFilter
+
+    image = _noise_image(40, 30)
+    blur = PILGaussianBlur((0.5, 1.5))
+    torch.manual_seed(3)
+    radius = 0.5 + 1.0 * torch.rand(1).item()
+    torch.manual_seed(3)
+    out = blur(image)
+    assert np.array_equal(np.asarray(out), np.asarray(image.filter(ImageFilter.GaussianBlur(radius))))
+    radii: list[float] = []
+    pil_blur = ImageFilter.GaussianBlur
+    monkeypatch.setattr(ImageFilter, "GaussianBlur", lambda radius: radii.append(radius) or pil_blur(radius))
+    tiny = _noise_image(4, 4)
+    for _ in range(4000):
+        blur(tiny)
+    radii_t = torch.tensor(radii)
+    assert radii_t.min() >= 0.5 and radii_t.max() <= 1.5
+    assert abs(radii_t.mean().item() - 1.0) < 0.02 and abs(radii_t.std().item() - 1 / 12**0.5) < 0.02
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        PILGaussianBlur((2.0, 1.0))
+
+
+def test_blur_description_names_the_blurred_crops() -> None:
+    assert (
+        blur_description(multi_crop(10), 224)
+        == "PIL Gaussian, sigma U(0.1, 2.0) px on 224 px and 96 px crops"
+    )
+    assert blur_description(multi_crop(2), 128).endswith("on 128 px crops; none on crops < 96 px")
+    assert blur_description(two_views(), 32) == "none (crops < 96 px)"
 
 
 def test_eval_transform_is_deterministic_and_sized() -> None:

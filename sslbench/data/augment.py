@@ -2,8 +2,8 @@
 
 Every method sees its views through this module, so a comparison between methods differs only in the
 recipe each paper prescribes, never in how a crop or a blur happens to be implemented. The recipes
-follow the reference code at 224 px; below that the crop sizes and the blur shrink with the image
-(see ``crop_sizes`` and ``gaussian_blur``) so that a 32 px image is not wiped out.
+follow the reference code at 224 px; below that the crop sizes shrink with the image (``crop_sizes``),
+and only crops of 96 px or more are blurred (``gaussian_blur``), since no reference blurs a smaller one.
 
 All transforms are torchvision v1 transforms on PIL images; their randomness comes from torch's
 global generator, so ``torch.manual_seed`` makes a run repeatable.
@@ -18,13 +18,18 @@ from typing import Literal
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 
 from sslbench.base.small_images import SMALL_IMAGE_MAX
 
-# The reference recipes are written for 224 px crops; blur sigmas are quoted at this size.
+# The reference recipes are written for 224 px crops.
 _REFERENCE_SIZE = 224
+
+# Every reference blurs its 224 px and 96 px crops with sigma uniform in (0.1, 2.0) px; none blurs a
+# smaller crop (SimCLR's CIFAR recipe has no blur), so smaller crops are not blurred.
+BLUR_RADIUS = (0.1, 2.0)
+BLUR_MIN_CROP = 96
 
 _BICUBIC = InterpolationMode.BICUBIC
 
@@ -152,19 +157,54 @@ def flip_and_color_jitter(
     )
 
 
-def gaussian_blur(p: float, image_size: int) -> T.RandomApply:
-    """Gaussian blur with probability ``p`` on a crop of ``image_size`` pixels.
+class PILGaussianBlur:
+    """PIL's Gaussian filter at a radius (sigma, px) drawn uniformly from ``radius``: the DINO reference's
+    ``GaussianBlur``, about 45x cheaper on a 224 px image than torchvision's 23 px kernel on a PIL image.
 
-    The references draw sigma from (0.1, 2.0) at 224 px (SimCLR also uses a kernel of 10% of the
-    image). Applied unchanged to a 32 px crop that would erase the image, so the sigma range is scaled
-    by ``image_size / 224`` and the kernel is the odd size nearest 10% of the crop (at least 3). At
-    224 px this gives the reference sigma range and a 23 px kernel.
+    The radius comes from torch's global generator (the reference draws from Python's ``random``), so
+    ``torch.manual_seed`` makes a run repeatable as for every other step.
     """
-    factor = image_size / _REFERENCE_SIZE
-    kernel = max(3, int(0.1 * image_size))
-    kernel += 1 - kernel % 2
-    blur = T.GaussianBlur(kernel_size=kernel, sigma=(0.1 * factor, 2.0 * factor))
-    return T.RandomApply([blur], p=p)
+
+    def __init__(self, radius: tuple[float, float] = BLUR_RADIUS) -> None:
+        low, high = radius
+        if not 0.0 < low <= high:
+            raise ValueError(f"blur radius must satisfy 0 < low <= high, got {radius}")
+        self.radius = (float(low), float(high))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        low, high = self.radius
+        sigma = low + (high - low) * torch.rand(1).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"PILGaussianBlur(radius={self.radius})"
+
+
+def gaussian_blur(p: float) -> T.RandomApply:
+    """Gaussian blur with probability ``p``, sigma uniform in (0.1, 2.0) px, as every reference draws it
+    and as DINO's applies it (PIL). Only for crops of ``BLUR_MIN_CROP`` px or more (``blurs``)."""
+    return T.RandomApply([PILGaussianBlur(BLUR_RADIUS)], p=p)
+
+
+def blurs(crop_size: int) -> bool:
+    """Whether a crop of ``crop_size`` px is blurred: the references blur their 224 and 96 px crops
+    only; on smaller crops the reference sigma would wipe out the image and a scaled one (<= 0.3 px
+    at 32 px) changes nothing, so they have none, like SimCLR's CIFAR recipe."""
+    return crop_size >= BLUR_MIN_CROP
+
+
+def blur_description(recipe: ViewRecipe, image_size: int) -> str:
+    """The blur as the protocol records it, e.g. ``none (crops < 96 px)``."""
+    global_size, local_size = crop_sizes(image_size)
+    sizes = [global_size] + ([local_size] if recipe.num_local_crops else [])
+    blurred = [size for size in sizes if blurs(size)]
+    low, high = BLUR_RADIUS
+    if not blurred:
+        return f"none (crops < {BLUR_MIN_CROP} px)"
+    text = f"PIL Gaussian, sigma U({low}, {high}) px on {' and '.join(f'{s} px' for s in blurred)} crops"
+    if len(blurred) < len(sizes):
+        text += f"; none on crops < {BLUR_MIN_CROP} px"
+    return text
 
 
 def solarize(p: float) -> T.RandomSolarize:
@@ -223,8 +263,8 @@ def _view_pipeline(
 ) -> T.Compose:
     """One view in the order all three references use; steps with probability 0 are left out."""
     steps: list[Callable] = [to_rgb(), random_resized_crop(crop_size, scale), photometric]
-    if blur_p > 0:
-        steps.append(gaussian_blur(blur_p, crop_size))
+    if blur_p > 0 and blurs(crop_size):
+        steps.append(gaussian_blur(blur_p))
     if solarize_p > 0:
         steps.append(solarize(solarize_p))
     steps.append(normalize(mean, std))
@@ -238,13 +278,16 @@ def build_view_transform(
 
     - symmetric, SimCLR (Chen et al. 2020, arXiv 2002.05709, Appendix A): crop, flip,
       ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8, grayscale p=0.2, blur p=0.5; at <= 64 px the
-      paper's CIFAR recipe: strength s=0.5 and no blur (s=1.0 otherwise). Both views alike.
+      paper's CIFAR recipe: strength s=0.5 (s=1.0 otherwise). Both views alike.
     - asymmetric, BYOL (Grill et al. 2020, arXiv 2006.07733, Table 6): crop, flip,
       ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 0 blur p=1.0, solarize p=0;
       view 1 blur p=0.1, solarize p=0.2.
     - multicrop, DINO (Caron et al. 2021, arXiv 2104.14294, ``DataAugmentationDINO``): the BYOL
       photometric block on every crop; global crop 0 blur p=1.0; global crop 1 blur p=0.1,
       solarize p=0.2; each local crop blur p=0.5 at the local crop size and ``local_scale``.
+
+    Blur, where a recipe has it, only on crops of 96 px or more (``blurs``): at <= 64 px no view is
+    blurred, as in SimCLR's CIFAR recipe.
     """
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (views are RGB), got {list(mean)} and {list(std)}")
@@ -257,7 +300,7 @@ def build_view_transform(
     if recipe.kind == "symmetric":
         s = 0.5 if small else 1.0
         photometric = flip_and_color_jitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-        pipeline = view(global_size, recipe.global_scale, photometric, 0.0 if small else 0.5, 0.0)
+        pipeline = view(global_size, recipe.global_scale, photometric, 0.5, 0.0)
         return MultiViewTransform([pipeline, pipeline])
 
     photometric = flip_and_color_jitter(0.4, 0.4, 0.2, 0.1)

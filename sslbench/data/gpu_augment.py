@@ -18,7 +18,9 @@ plus its valid (h, w), so batches collate without resizing away the aspect ratio
 - colour jitter, grayscale, blur and solarize follow ``torchvision.transforms.functional`` on float
   tensors, with per-sample factors and the per-sample random order of ``ColorJitter``. The CPU path
   runs their PIL versions on 8-bit images (rounded after every op, solarize on rounded values),
-  which differ from these by about 1/255, and hue, through 8-bit HSV, by up to about 10/255;
+  which differ from these by about 1/255, and hue, through 8-bit HSV, by up to about 10/255. The
+  blur draws the same sigma; PIL approximates the Gaussian by three box passes of the same variance,
+  here it is the exact Gaussian kernel;
 - images larger than the canvas are first shrunk to it (``canvas_size_for``: 256 px for 224 px
   views, as the standard ImageNet resize), so a small-scale crop of a large photograph is upsampled
   from fewer source pixels than on the CPU path, which crops the full-resolution image.
@@ -41,7 +43,13 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from sslbench.data import gpu_photometric as P
-from sslbench.data.augment import MultiViewTransform, ViewRecipe, _ToRGB, build_view_transform
+from sslbench.data.augment import (
+    MultiViewTransform,
+    PILGaussianBlur,
+    ViewRecipe,
+    _ToRGB,
+    build_view_transform,
+)
 
 _CROP_TRIES = 10  # RandomResizedCrop.get_params tries this many boxes before the central fallback
 
@@ -112,6 +120,11 @@ def _translate(step: Callable, p: float, value_range: float) -> tuple[str, dict]
         return "grayscale", {"grayscale_p": p * step.p}
     if isinstance(step, T.GaussianBlur):
         return "blur", {"blur_p": p, "blur_kernel": tuple(step.kernel_size), "blur_sigma": tuple(step.sigma)}
+    if isinstance(step, PILGaussianBlur):
+        # PIL's filter is an extended box blur with the Gaussian's exact variance, reaching about
+        # 2.4 sigma; a Gaussian kernel of +-3 sigma_max covers it.
+        size = 2 * math.ceil(3 * step.radius[1]) + 1
+        return "blur", {"blur_p": p, "blur_kernel": (size, size), "blur_sigma": step.radius}
     if isinstance(step, T.RandomSolarize):
         # On PIL images the threshold is on the 0..255 scale; views here are floats in [0, 1].
         return "solarize", {"solarize_p": p * step.p, "solarize_threshold": step.threshold / value_range}
@@ -119,8 +132,8 @@ def _translate(step: Callable, p: float, value_range: float) -> tuple[str, dict]
         return "normalize", {"mean": tuple(map(float, step.mean)), "std": tuple(map(float, step.std))}
     raise ValueError(
         f"cannot translate {step!r} to the batched augmenter: it knows RandomResizedCrop, "
-        "RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur, RandomSolarize and Normalize "
-        "(optionally in RandomApply), plus the no-ops ToRGB and ToTensor"
+        "RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur, PILGaussianBlur, RandomSolarize "
+        "and Normalize (optionally in RandomApply), plus the no-ops ToRGB and ToTensor"
     )
 
 
