@@ -187,9 +187,25 @@ def _restart(args: argparse.Namespace) -> str:
     return "resume" if args.resume else "force" if args.force else "new"
 
 
+def time_breakdown(timings: dict[str, dict[str, float]], total: float) -> str:
+    """Where a run's time went: training per pair, then evaluation, monitoring, checkpoints and logging
+    over all pairs, and the rest (loading data, building models, reports)."""
+    if not timings:
+        return f"time: {total:.0f} s, no pair trained in this session"
+    training = ", ".join(f"{pair} {parts['training']:.0f} s" for pair, parts in timings.items())
+    spent = [f"training {training}"]
+    for part in ("evaluation", "monitoring", "checkpoints", "logging"):
+        spent.append(f"{part} {sum(parts[part] for parts in timings.values()):.0f} s")
+    rest = total - sum(sum(parts.values()) for parts in timings.values())
+    spent.append(f"the rest {max(rest, 0.0):.0f} s (data, set-up, reports)")
+    return f"time: {'; '.join(spent)}"
+
+
 def _finish(outcome: RunOutcome, text: str, started: float) -> int:
     print(text)
-    print(f"\nwrote {outcome.out_dir} in {time.perf_counter() - started:.0f} s")
+    total = time.perf_counter() - started
+    print(f"\nwrote {outcome.out_dir} in {total:.0f} s")
+    print(time_breakdown(outcome.timings, total))
     if outcome.failed:
         print(f"{len(outcome.failed)} pair(s) failed:\n  " + "\n  ".join(outcome.failed), file=sys.stderr)
         return 1

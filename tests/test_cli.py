@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sslbench.base.precision import precision_choice
 from sslbench.cli import main
 from sslbench.config import load_yaml, resolve_config
 from sslbench.method.registry import list_methods
@@ -36,6 +37,7 @@ METHODS = ["dino", "byol", "simclr", "supervised", "random"]
 MODULES = {"dino": "dino", "byol": "byol", "simclr": "simclr", "supervised": "supervised",
            "random": "random_init"}  # fmt: skip
 ARCHS = ["resnet18", "vit_tiny16"]
+CPU = torch.device("cpu")
 REPORT_FILES = ["summary.csv", "table.md", "table.tex", "summary.png"]
 
 
@@ -95,7 +97,10 @@ def test_tiny_run_records_results_and_protocol(tiny_run: tuple[Path, int, str, s
             protocol = record["protocol"]
             assert protocol["knn_k"] == 20
             assert protocol["knn_temperature"] == 0.07
-            assert protocol["precision"] == "fp32"
+            assert (protocol["precision"], protocol["precision_reason"]) == precision_choice("auto", CPU)
+            assert protocol["feature_precision"] == protocol["precision"]
+            untrained = "none (untrained)"
+            assert protocol["blur"] == (untrained if method == "random" else "none (crops < 96 px)")
             assert protocol["seed"] == 0
             assert protocol["batch_size"] == 8
             assert protocol["image_size"] == 32
@@ -115,6 +120,8 @@ def test_tiny_run_records_results_and_protocol(tiny_run: tuple[Path, int, str, s
                 assert (protocol["epochs"], protocol["train_images"]) == (1, 20)
                 assert record["train"]["iterations"] == 2
                 assert math.isfinite(record["train"]["final_loss"])
+                assert {"wall_s", "monitor_s", "checkpoint_s", "logging_s"} <= set(record["train"])
+            assert record["eval_s"] > 0
     assert len(hashes) == len(METHODS) * len(ARCHS)  # every pair's settings differ somewhere
     dino = _eval(out, "dino-resnet18")["method_options"]
     assert (dino["out_dim"], dino["hidden_dim"], dino["local_crops_number"]) == (64, 64, 1)
@@ -156,12 +163,16 @@ def test_tiny_run_metrics_config_and_tables(tiny_run: tuple[Path, int, str, str]
     assert "failed" not in stdout
 
 
-def test_same_pair_gives_the_same_numbers(tiny_run: tuple[Path, int, str, str], tmp_path: Path) -> None:
-    """The simclr/resnet18 pair again, alone in a new run: identical numbers to the ones in the big run."""
+@pytest.mark.parametrize(("method", "arch"), [("simclr", "resnet18"), ("dino", "vit_tiny16")])
+def test_same_pair_gives_the_same_numbers(
+    tiny_run: tuple[Path, int, str, str], tmp_path: Path, method: str, arch: str
+) -> None:
+    """A pair again, alone in a new run, at the machine's auto precision (bf16 where the CPU has it):
+    identical numbers to the ones in the big run."""
     again = tmp_path / "again"
-    code, _, stderr = _main(["run", "--methods", "simclr", "--arch", "resnet18", *TINY, "--out", str(again)])
+    code, _, stderr = _main(["run", "--methods", method, "--arch", arch, *TINY, "--out", str(again)])
     assert code == 0, stderr
-    first, second = _eval(tiny_run[0], "simclr-resnet18"), _eval(again, "simclr-resnet18")
+    first, second = _eval(tiny_run[0], f"{method}-{arch}"), _eval(again, f"{method}-{arch}")
     assert second["knn"] == first["knn"]
     assert second["linear"] == first["linear"]
     assert second["train"]["final_loss"] == first["train"]["final_loss"]

@@ -35,6 +35,7 @@ RUN_ARGS = [
     "--no-progress",
     "--set=train.train_per_class=3",  # 30 images: 3 steps of 8
     "--set=train.log_every=1",
+    "--set=train.precision=fp32",  # bf16 rounds differently at each batch split; this compares to 1e-5
     "--set=eval.monitor_every=0",
     "--set=eval.linear=false",
     "--set=eval.train_per_class=10",
@@ -155,4 +156,20 @@ def test_cross_rank_batch_norm_formula_matches_batch_norm(monkeypatch, shape):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(crossed.running_mean, reference.running_mean)
+    torch.testing.assert_close(crossed.running_var, reference.running_var)
+
+
+def test_cross_rank_batch_norm_keeps_fp32_statistics_under_bf16(monkeypatch):
+    """A bf16 activation (a convolution under autocast) is normalised with fp32 statistics and comes
+    back in bf16, as BatchNorm does; the running statistics stay fp32."""
+    import sslbench.training.distributed as distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist_fn, "all_reduce", lambda tensor: tensor)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
+    reference, crossed = nn.BatchNorm2d(3), CrossRankBatchNorm(3)
+    x = (torch.randn(6, 3, 4, 4) * 3 + 5).bfloat16()
+    y = crossed(x)
+    assert y.dtype == torch.bfloat16 and crossed.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), reference(x.float()), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(crossed.running_var, reference.running_var)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -223,3 +224,29 @@ def test_extract_features_concatenates_in_order() -> None:
 def test_extract_features_rejects_empty_loader() -> None:
     with pytest.raises(SSLBenchError):
         extract_features(lambda x: {"knn": x}, [])
+
+
+def test_monitor_extracts_a_teacher_equal_to_its_student_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sslbench import create_backbone
+    from sslbench.config import resolve_config
+    from sslbench.data.datasets import load_dataset
+    from sslbench.evaluation import monitor as monitor_module
+
+    config = resolve_config([{"eval": {"monitor_bank_per_class": 2, "monitor_test_per_class": 1}}], ["byol"])
+    torch.manual_seed(0)
+    student = create_backbone("resnet18", 32)
+    teacher = copy.deepcopy(student)
+    passes: list[int] = []
+    extract = monitor_module.extract_features
+    monkeypatch.setattr(
+        monitor_module, "extract_features", lambda *a, **k: passes.append(1) or extract(*a, **k)
+    )
+    watch = monitor_module.KnnMonitor(
+        load_dataset("embedded"), config, torch.device("cpu"), {"student": student, "teacher": teacher}
+    )
+    same = watch()
+    assert len(passes) == 2 and same["knn_student"] == same["knn_teacher"]  # bank and test, once
+    with torch.no_grad():
+        next(teacher.parameters()).add_(1.0)
+    watch()
+    assert len(passes) == 6  # now both

@@ -12,7 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from sslbench.base.precision import precision_choice
 from sslbench.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def test_tiny_cpu_run_passes_and_reports_every_part(tmp_path: Path) -> None:
     for name in ("dino", "byol"):
         result = record["throughput"][name]
         assert result["images_per_s"] > 0 and result["tflops"] > 0 and result["peak_mib"] >= 0
-        assert result["precision"] == "fp32"  # the runner's choice on the CPU
+        assert result["precision"] == precision_choice("auto", torch.device("cpu"))[0]  # the runner's
 
 
 def test_full_sizes_on_cpu_are_refused_with_a_clear_message() -> None:

@@ -3,6 +3,7 @@ augmentation paths, fused/multi-tensor optimizers, and torch.compile of the back
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -94,13 +95,30 @@ def test_augment_on_and_compile_are_config_keys_with_checked_values():
         resolve_config([{"train": {"augment_on": "gpus"}}], ["dino"])
 
 
-def test_cuda_optimizers_are_fused_and_cpu_ones_are_not():
-    params = [torch.nn.Parameter(torch.randn(3, 3))]
+def test_cuda_and_cpu_optimizers_are_fused_and_step_like_the_loop():
+    """The fused kernel is chosen at construction; on the CPU it gives the per-parameter loop's update."""
     for name in ("adamw", "sgd"):
-        cpu = build_optimizer(name, parameter_groups([torch.nn.Linear(2, 2)]), 0.9, CPU)
-        assert not cpu.defaults.get("fused")
-        cuda = build_optimizer(name, [{"params": params}], 0.9, torch.device("cuda"))
-        assert cuda.defaults["fused"] is True  # the kernel is chosen at construction, used at step
+        cuda = build_optimizer(
+            name, [{"params": [torch.nn.Parameter(torch.randn(3, 3))]}], 0.9, torch.device("cuda")
+        )
+        assert cuda.defaults["fused"] is True
+        torch.manual_seed(0)
+        fused_model = torch.nn.Linear(5, 4)
+        loop_model = copy.deepcopy(fused_model)
+        fused = build_optimizer(name, parameter_groups([fused_model]), 0.9, CPU)
+        loop = build_optimizer(name, parameter_groups([loop_model]), 0.9)
+        assert fused.defaults["fused"] is True and not loop.defaults.get("fused")
+        for optimizer in (fused, loop):
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = 0.1, 0.05 if group["regularized"] else 0.0
+        x = torch.randn(8, 5)
+        for _ in range(3):
+            for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                optimizer.step()
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_backbone_keeps_its_weights_names_and_outputs():

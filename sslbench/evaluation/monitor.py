@@ -10,8 +10,9 @@ import torch
 
 from sslbench.config import RunConfig
 from sslbench.data.datasets import DatasetSplits
-from sslbench.evaluation.features import eval_loaders, extract_features
+from sslbench.evaluation.features import eval_loaders, extract_features, feature_precision
 from sslbench.evaluation.knn import knn_classify
+from sslbench.models.backbones import Backbone
 
 
 class KnnMonitor:
@@ -28,17 +29,30 @@ class KnnMonitor:
         self.backbones, self.device, self.num_classes = backbones, device, data.num_classes
         self.k = eval_cfg.knn_headline_k
         self.temperature = eval_cfg.knn_temperature
+        self.precision = feature_precision(config, device)[0]
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
-        results = {}
+        accuracies: dict[str, float] = {}
         for name, backbone in self.backbones.items():
-            backbone.eval()
-            bank, bank_labels = extract_features(backbone.forward_eval, self.loaders["bank"], self.device)
-            test, test_labels = extract_features(backbone.forward_eval, self.loaders["test"], self.device)
-            accuracy = knn_classify(
-                bank["knn"], bank_labels, test["knn"], test_labels, self.num_classes,
-                ks=[self.k], temperature=self.temperature, device=self.device,
-            )  # fmt: skip
-            results[f"knn_{name}"] = round(accuracy[self.k], 2)
-        return results
+            # A teacher before its first update equals its student: the same numbers, not recomputed.
+            twin = next((seen for seen in accuracies if _same_weights(self.backbones[seen], backbone)), None)
+            accuracies[name] = accuracies[twin] if twin is not None else self._knn(backbone)
+        return {f"knn_{name}": accuracy for name, accuracy in accuracies.items()}
+
+    def _knn(self, backbone: Backbone) -> float:
+        backbone.eval()
+        encode = backbone.forward_eval
+        bank, bank_labels = extract_features(encode, self.loaders["bank"], self.device, self.precision)
+        test, test_labels = extract_features(encode, self.loaders["test"], self.device, self.precision)
+        accuracy = knn_classify(
+            bank["knn"], bank_labels, test["knn"], test_labels, self.num_classes,
+            ks=[self.k], temperature=self.temperature, device=self.device,
+        )  # fmt: skip
+        return round(accuracy[self.k], 2)
+
+
+def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    """Equal parameters and buffers, as a teacher has before its first EMA update."""
+    a, b = first.state_dict(), second.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

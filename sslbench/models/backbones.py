@@ -119,6 +119,15 @@ def create_backbone(arch: str, image_size: int, drop_path_rate: float = 0.0) -> 
     return Backbone(arch, model, patch_size)
 
 
+def set_fused_attention(module: nn.Module, enabled: bool) -> None:
+    """Pick timm's attention kernel in every ViT block under ``module``: fused (PyTorch's
+    ``scaled_dot_product_attention``, flash on CUDA) or matmul, softmax, matmul. The same maths; only
+    the speed differs by device and precision (``sslbench.training.step.fused_attention_for``)."""
+    for submodule in module.modules():
+        if hasattr(submodule, "fused_attn"):
+            submodule.fused_attn = enabled
+
+
 def multicrop_forward(
     backbone: Callable[[Tensor], Tensor],
     crops: Sequence[Tensor],

@@ -203,7 +203,7 @@ class Checkpointing:
         """Everything the next iteration depends on, written by the main rank; every rank's generators."""
         if not self.enabled:
             return
-        with state.timed_aside():
+        with state.timed_aside("checkpoint"):
             payload = state.payload()
             rng = gather_objects(rng_state(self.augment_generator))
 

@@ -71,7 +71,8 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         dims = [0, *range(2, input.dim())]
         local_count = input.numel() // input.shape[1]
-        sums = torch.cat([input.sum(dims), (input * input).sum(dims)])
+        x = input.float()  # statistics in fp32 under bf16 autocast, as SyncBatchNorm and BatchNorm keep them
+        sums = torch.cat([x.sum(dims), (x * x).sum(dims)])
         sums = dist_fn.all_reduce(sums)
         count = local_count * dist.get_world_size()
         mean, mean_sq = sums.chunk(2)
@@ -84,10 +85,10 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.lerp_(var.detach() * count / max(count - 1, 1), momentum)
                 self.num_batches_tracked.add_(1)
         shape = [1, -1] + [1] * (input.dim() - 2)
-        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(input.dtype)
 
 
 def _convert_cross_rank(module: nn.Module) -> nn.Module:

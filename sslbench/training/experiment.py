@@ -13,8 +13,9 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -45,6 +46,22 @@ class RunOutcome:
     results: pd.DataFrame
     failed: list[str]
     main: bool = True  # False on the helper ranks of a distributed run, which print nothing
+    # Seconds by pair and by part (PAIR_TIME_PARTS) for the pairs this session ran.
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# Where a pair's time goes: eval.json keys, read by ``pair_timings``.
+PAIR_TIME_PARTS = ("training", "evaluation", "monitoring", "checkpoints", "logging")
+
+
+def pair_timings(record: dict[str, Any]) -> dict[str, float]:
+    """A pair's seconds by part, from its eval.json record (a failed pair has no training summary)."""
+    train = record.get("train") or {}
+    seconds = (
+        train.get("wall_s"), record.get("eval_s"), train.get("monitor_s"),
+        train.get("checkpoint_s"), train.get("logging_s"),
+    )  # fmt: skip
+    return {part: float(value or 0.0) for part, value in zip(PAIR_TIME_PARTS, seconds, strict=True)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -253,6 +270,7 @@ def _run_pairs(
 
     failed: list[str] = []
     progress = RunProgress(len(plans), show_progress and is_main())
+    timings: dict[str, dict[str, float]] = {}
     for plan, plan_config in plans:
         name = plan.method_cls.name
         pair_dir = out_dir / plan.folder_name
@@ -296,6 +314,7 @@ def _run_pairs(
             failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         progress.finish(record["total_wall_s"])
+        timings[plan.folder_name] = pair_timings(record)
         write_json_atomic(pair_dir / "eval.json", record)
         if record["status"] == "ok":  # its numbers are final and a resume keeps them: free the disk
             shutil.rmtree(pair_dir / CHECKPOINT_FOLDER, ignore_errors=True)
@@ -306,4 +325,4 @@ def _run_pairs(
     write_report(results, out_dir)
     write_training_curves(out_dir)
     write_collapse_diagnostics(out_dir)
-    return RunOutcome(out_dir, results, failed)
+    return RunOutcome(out_dir, results, failed, timings=timings)

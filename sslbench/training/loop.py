@@ -118,6 +118,6 @@ def watch(
     student and teacher: computed by the main rank, timed aside."""
     if monitor is None or every <= 0 or not (epoch % every == 0 or epoch == epochs):
         return
-    with state.timed_aside():
+    with state.timed_aside("monitor"):
         state.records.append({"kind": "monitor", "epoch": epoch, **on_main(monitor)})
         method.train()

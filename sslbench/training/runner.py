@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,21 +24,29 @@ from torch.utils.data import DataLoader
 
 from sslbench.base.atomic_io import atomic_path
 from sslbench.base.collectives import is_main, rank, world_size
+from sslbench.base.precision import precision_choice
 from sslbench.base.small_images import SMALL_IMAGE_MAX
 from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
-from sslbench.data.augment import build_view_transform
+from sslbench.data.augment import blur_description, build_view_transform
 from sslbench.data.datasets import DatasetSplits, ImageSource, SubsetSource, subset_indices
 from sslbench.data.sampling import EpochSampler, SeededViews
 from sslbench.evaluation.diagnostics import collapse_verdict
 from sslbench.evaluation.evaluate import evaluate_method
+from sslbench.evaluation.features import feature_precision
 from sslbench.evaluation.monitor import KnnMonitor
 from sslbench.method import Method, TrainContext
-from sslbench.models.backbones import Backbone, arch_spec, create_backbone, effective_patch_size
+from sslbench.models.backbones import (
+    Backbone,
+    arch_spec,
+    create_backbone,
+    effective_patch_size,
+    set_fused_attention,
+)
 from sslbench.training.checkpoint import Checkpointing
 from sslbench.training.distributed import data_parallel, sync_batch_norm
 from sslbench.training.interrupt import ignore_stop_signals, training_section
 from sslbench.training.loop import train_loop
-from sslbench.training.step import memory_format_for, precision_for
+from sslbench.training.step import fused_attention_for, memory_format_for, precision_for
 
 
 @dataclass(frozen=True)
@@ -176,12 +185,14 @@ def train_and_evaluate(
         )
     if not is_main():
         return None
+    eval_started = time.perf_counter()
     if plan.train.save_weights:  # the evaluated network, for attention maps and later evaluation
         with atomic_path(pair_dir / "backbone.pt") as tmp:
             torch.save(method.eval_backbone().state_dict(), tmp)
     cache_dir = pair_dir if config.eval.cache_features else None
     metrics = evaluate_method(method, config, data, plan.device, cache_dir)
     return {
+        "eval_s": round(time.perf_counter() - eval_started, 2),
         "status": "ok",
         "error": None,
         "variant": plan.variant,
@@ -212,6 +223,7 @@ def build_method(
     method = plan.method_cls(backbone, plan.method_options, context)
     method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
     method = method.to(device, memory_format=memory_format_for(device, backbone.family))
+    set_fused_attention(method, fused_attention_for(device, precision_for(train_cfg, device)))
     if train_cfg.compile:
         compile_backbones(method)
     return method
@@ -306,6 +318,9 @@ def protocol_record(
         "base_lr": train_cfg.lr,
         "recipe": plan.recipe,
         "precision": precision_for(train_cfg, plan.device),
+        "precision_reason": precision_choice(train_cfg.precision, plan.device)[1],
+        "feature_precision": feature_precision(config, plan.device)[0],
+        "blur": blur_description(method.view_recipe(), data.image_size) if trainable else "none (untrained)",
         "seed": config.seed,
         "device": str(plan.device),
         "feature_source": method.feature_source if trainable else "untrained backbone",

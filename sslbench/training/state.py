@@ -27,6 +27,9 @@ from sslbench.method import Method, Step, StepOutput
 from sslbench.training.checkpoint import restore_rng_state
 from sslbench.training.step import LossGuard
 
+# What a pair's time aside from training is spent on; eval.json's ``train`` entry has ``<kind>_s``.
+ASIDE_KINDS = ("monitor", "checkpoint", "logging")
+
 
 @dataclass
 class TrainState:
@@ -38,9 +41,10 @@ class TrainState:
     guard: LossGuard = field(default_factory=LossGuard)
     resumed_at: int | None = None
     wall_before: float = 0.0  # training seconds of the sessions before a resume
-    aside_before: float = 0.0  # and their seconds of monitoring, logging and checkpoints
+    # Seconds spent aside from training, by kind (ASIDE_KINDS), this session and the ones before it.
+    aside_before: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)  # this session's clock
-    aside: float = 0.0
+    aside: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def restore(
@@ -65,7 +69,8 @@ class TrainState:
             guard=LossGuard(checkpoint["last_finite_loss"]),
             resumed_at=checkpoint["iteration"] or None,
             wall_before=checkpoint["wall_s"],
-            aside_before=checkpoint["monitor_s"],
+            # A checkpoint written before the kinds were kept apart holds one total, "monitor_s".
+            aside_before=checkpoint.get("aside_s", {"monitor": checkpoint.get("monitor_s", 0.0)}),
         )
 
     def payload(self) -> dict[str, Any]:
@@ -77,7 +82,7 @@ class TrainState:
             "last_finite_loss": self.guard.check(),
             "images_seen": self.images_seen,
             "wall_s": wall,
-            "monitor_s": self.aside + self.aside_before,
+            "aside_s": self.aside_seconds(),
         }
 
     def first_batch(self, epoch: int, iterations_per_epoch: int) -> int:
@@ -85,16 +90,24 @@ class TrainState:
         return max((self.resumed_at or 0) - epoch * iterations_per_epoch, 0)
 
     def training_seconds(self) -> float:
-        return time.perf_counter() - self.started - self.aside + self.wall_before
+        return time.perf_counter() - self.started - sum(self.aside.values()) + self.wall_before
+
+    def aside_seconds(self) -> dict[str, float]:
+        """Seconds aside from training by kind, over every session of the pair."""
+        kinds = dict.fromkeys(ASIDE_KINDS, 0.0)
+        for spent in (self.aside_before, self.aside):
+            for kind, seconds in spent.items():
+                kinds[kind] = kinds.get(kind, 0.0) + seconds
+        return kinds
 
     @contextlib.contextmanager
-    def timed_aside(self) -> Iterator[None]:
-        """Time spent here (monitoring, logging, checkpoints) is not training time."""
+    def timed_aside(self, kind: str) -> Iterator[None]:
+        """Time spent here (one of ``ASIDE_KINDS``) is not training time: it is counted under ``kind``."""
         began = time.perf_counter()
         try:
             yield
         finally:
-            self.aside += time.perf_counter() - began
+            self.aside[kind] = self.aside.get(kind, 0.0) + time.perf_counter() - began
 
     def add_step(self, step: Step, loss: Tensor, images: int) -> None:
         self.guard.add(step, loss)
@@ -105,7 +118,7 @@ class TrainState:
         """A "train" record: the checked loss, the schedules, throughput, the method's logs and the
         collapse diagnostics of the step's embeddings; the loss and images/s also go on the progress bar."""
         loss = self.guard.check()
-        with self.timed_aside():
+        with self.timed_aside("logging"):
             elapsed = self.training_seconds()
             record = {"kind": "train", "iteration": step.iteration, "epoch": step.epoch, "loss": loss}
             record |= schedule_values
@@ -130,7 +143,7 @@ class TrainState:
             "iterations": total,
             "resumed_at": self.resumed_at,
             "wall_s": round(wall, 2),
-            "monitor_s": round(self.aside + self.aside_before, 2),
+            **{f"{kind}_s": round(seconds, 2) for kind, seconds in self.aside_seconds().items()},
             "images_per_s": round(self.images_seen / wall, 2) if wall > 0 else None,
             "final_loss": self.guard.last_finite,
             "last_record": next((r for r in reversed(self.records) if r["kind"] == "train"), None),

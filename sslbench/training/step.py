@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sslbench.base.collectives import all_reduce_mean
 from sslbench.base.errors import SSLBenchError
+from sslbench.base.precision import precision_choice
 from sslbench.base.schedules import cosine_schedule
 from sslbench.config import TrainConfig
 from sslbench.method import Method, Step, StepOutput
@@ -27,14 +28,21 @@ from sslbench.models.momentum import ema_update
 
 
 def precision_for(train: TrainConfig, device: torch.device) -> str:
-    if train.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return train.precision
+    """The autocast precision a run trains in: ``train.precision``, with ``auto`` resolved for ``device``
+    (``sslbench.base.precision``)."""
+    return precision_choice(train.precision, device)[0]
 
 
 def memory_format_for(device: torch.device, family: str) -> torch.memory_format:
     """Channels-last convolutions are faster on CUDA tensor cores; the CPU keeps the default layout."""
     return torch.channels_last if device.type == "cuda" and family == "resnet" else torch.contiguous_format
+
+
+def fused_attention_for(device: torch.device, precision: str) -> bool:
+    """Fused attention (flash on CUDA) except on a CPU under bf16, where PyTorch's fused kernel made a
+    ViT's forward and backward 1.15-1.45x slower than matmul-softmax-matmul (17-197 tokens; at parity
+    in fp32; benchmarks/RESULTS.md)."""
+    return not (device.type == "cpu" and precision == "bf16")
 
 
 def device_views(device: torch.device, memory_format: torch.memory_format) -> Callable[[Any], list[Tensor]]:
