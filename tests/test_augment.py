@@ -14,6 +14,7 @@ from PIL import Image
 from sslbench.data.augment import (
     MultiViewTransform,
     PILGaussianBlur,
+    ToNormalizedTensor,
     ViewRecipe,
     blur_description,
     blurs,
@@ -282,3 +283,11 @@ def test_normalisation_of_mid_grey() -> None:
     views = build_view_transform(two_views(), 32, MEAN, STD)(Image.new("L", (32, 32), 128))
     # Jitter moves a grey view's brightness, but it stays a normalised float tensor around that value.
     assert all(v.dtype == torch.float32 and v.abs().max() < 10 for v in views)
+
+
+def test_normalize_is_torchvisions_to_tensor_then_normalize() -> None:
+    image = _noise_image(37, 23)
+    expected = T.Normalize(MEAN, STD)(T.ToTensor()(image))
+    result = ToNormalizedTensor(MEAN, STD)(image)
+    assert result.dtype == torch.float32 and result.shape == expected.shape
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)

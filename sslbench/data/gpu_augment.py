@@ -46,6 +46,7 @@ from sslbench.data import gpu_photometric as P
 from sslbench.data.augment import (
     MultiViewTransform,
     PILGaussianBlur,
+    ToNormalizedTensor,
     ViewRecipe,
     _ToRGB,
     build_view_transform,
@@ -103,7 +104,7 @@ def _translate(step: Callable, p: float, value_range: float) -> tuple[str, dict]
         if len(step.transforms) != 1:
             raise ValueError(f"cannot translate {step!r}: RandomApply must wrap exactly one transform")
         return _translate(step.transforms[0], p * step.p, value_range)
-    if isinstance(step, T.RandomResizedCrop | T.Normalize) and p != 1.0:
+    if isinstance(step, T.RandomResizedCrop | T.Normalize | ToNormalizedTensor) and p != 1.0:
         raise ValueError(f"cannot translate {step!r} inside RandomApply: every view needs it")
     if isinstance(step, T.RandomResizedCrop):
         if step.size[0] != step.size[1]:
@@ -128,12 +129,12 @@ def _translate(step: Callable, p: float, value_range: float) -> tuple[str, dict]
     if isinstance(step, T.RandomSolarize):
         # On PIL images the threshold is on the 0..255 scale; views here are floats in [0, 1].
         return "solarize", {"solarize_p": p * step.p, "solarize_threshold": step.threshold / value_range}
-    if isinstance(step, T.Normalize):
+    if isinstance(step, T.Normalize | ToNormalizedTensor):
         return "normalize", {"mean": tuple(map(float, step.mean)), "std": tuple(map(float, step.std))}
     raise ValueError(
         f"cannot translate {step!r} to the batched augmenter: it knows RandomResizedCrop, "
         "RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur, PILGaussianBlur, RandomSolarize "
-        "and Normalize (optionally in RandomApply), plus the no-ops ToRGB and ToTensor"
+        "and Normalize or ToNormalizedTensor (optionally in RandomApply), plus the no-ops ToRGB and ToTensor"
     )
 
 
