@@ -80,7 +80,7 @@ def build_optimizer(
     """Learning rate and weight decay are set by the runner each iteration from the schedules.
 
     On CUDA and the CPU, AdamW and SGD use PyTorch's fused kernels: one pass over all parameters (on
-    the CPU 8x faster than the default per-parameter loop for a ViT-S). The arithmetic is the same.
+    the CPU 5x faster than the default per-parameter loop for a ViT-S). The arithmetic is the same.
     """
     fused = device is not None and device.type in ("cuda", "cpu")
     if name == "adamw":

@@ -241,6 +241,8 @@ def pair_config_hash(plan: PairPlan, config: RunConfig, data: DatasetSplits, met
             "dataset": data.name,
             "image_size": data.image_size,
             "seed": config.seed,
+            # auto resolves per machine: a bf16 checkpoint is not resumed in fp32, nor the reverse
+            "precision": precision_for(plan.train, plan.device),
         }
     )
 
