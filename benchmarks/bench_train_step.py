@@ -44,7 +44,7 @@ def test_train_step(benchmark, name: str, arch: str) -> None:
         config.local_crops_number = 2
     method = cls(create_backbone(arch, 32), config, TrainContext(1, 10, 10, 32))
     views, labels = _batch(method), torch.randint(0, 10, (BATCH,))
-    optimizer = build_optimizer("adamw", parameter_groups([method]), 0.9)
+    optimizer = build_optimizer("adamw", parameter_groups([method]), 0.9, torch.device("cpu"))
     step = Step(5, 1, 10, 10)
 
     def train_step() -> None:  # the runner's own step: clipping, hooks, optimizer and EMA included

@@ -1,18 +1,35 @@
 """sslbench vs lightly: the same DINO / BYOL / SimCLR training step written two ways, timed side by side.
 
-Run: ``python benchmarks/bench_vs_lightly.py [--device cpu] [--archs resnet18,vit_tiny16] [--rounds 5]``.
+Run: ``python benchmarks/bench_vs_lightly.py [--device cpu] [--archs resnet18,vit_tiny16] [--rounds 5]
+[--compare same|defaults|both]``.
 
 Both sides train one seeded ``sslbench.create_backbone(arch, image_size)`` (copied: same weights) on the
 same fixed batch of views (random normalised pixels; a step's cost does not depend on them), with AdamW
-(sslbench's lr x B/256 and weight decay), the same head sizes, and the runner's precision and memory
-layout (``precision_for``, ``memory_format_for``):
+(sslbench's lr x B/256 and weight decay), the same head sizes and the runner's memory layout
+(``memory_format_for``). Precision is set per side; ``--compare`` picks the comparisons (default both),
+each its own table:
+
+- same precision: both sides at sslbench's ``precision: auto`` (``sslbench.base.precision``: bf16
+  autocast on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere). Only the code differs: parity
+  is expected.
+- each library's default: sslbench at auto against lightly at fp32, which is what lightly trains in out
+  of the box: its examples use PyTorch Lightning's default 32-bit precision, with no autocast, on a CPU
+  and on CUDA alike (there unless a user enables AMP, e.g. ``precision="bf16-mixed"``).
+
+Where auto resolves to fp32 the two comparisons coincide and only the first is run.
+
+The two sides:
 
 - sslbench: the registry's method stepped by the runner's ``optimization_step`` (forward, loss, backward,
-  the method's hook, AdamW, EMA), clipping off as lightly's examples do not clip.
+  the method's hook, AdamW, EMA), clipping off as lightly's examples do not clip; with the runner's
+  fused AdamW and its attention kernel for the precision (``fused_attention_for``: matmul-softmax-matmul
+  on a CPU under bf16, PyTorch's fused kernel elsewhere).
 - lightly: the step as its examples write it: ``DINOProjectionHead`` + ``DINOLoss`` +
   ``cancel_last_layer_gradients``; ``BYOLProjectionHead`` + ``BYOLPredictionHead`` +
   ``NegativeCosineSimilarity``; ``SimCLRProjectionHead`` + ``NTXentLoss``; teachers frozen with
-  ``deactivate_requires_grad`` and moved with ``update_momentum`` before the forward.
+  ``deactivate_requires_grad`` and moved with ``update_momentum`` before the forward;
+  ``torch.optim.AdamW`` at its defaults (a per-parameter loop on the CPU, multi-tensor on CUDA) and
+  timm's default attention kernel (PyTorch's fused one).
 
 Hyper-parameters come from the sslbench configs: DINO out_dim (4096 at <= 64 px, else 65536), hidden
 2048, bottleneck 256, teacher / student temperature 0.04 / 0.1, centre momentum 0.9, last layer frozen
@@ -29,16 +46,18 @@ agree; the table gives their relative difference. What still differs is lightly'
   slightly different losses. BYOL goes per view on both sides.
 - sslbench's ``MLPHead`` gives the Linear before a BatchNorm a bias (BN cancels it); lightly's does not.
 - sslbench's DINO computes its collapse diagnostics only on logged iterations; these steps are not.
-- sslbench computes losses in fp32 under autocast, lightly in the autocast dtype (CUDA only).
+- sslbench computes losses in fp32 under autocast; lightly's losses take bf16 inputs where its side
+  autocasts. In the defaults comparison the first losses also differ by bf16 rounding on sslbench's side.
 
 Timing: both implementations live in one process and alternate step by step (order swapped each round),
 so both see the same load on a shared machine; warm-up is not timed; CUDA is synchronised around steps.
 The ratio is given from mean step times and, more robust to a neighbour's bursts, from medians.
 
 Memory: each implementation is rebuilt alone in a fresh subprocess (no tensors or freed heap of the
-other) and steps ``--memory-steps`` times (2: the second is the steady state). Both figures are growth
-over the post-setup baseline (models, optimizer, views built, nothing stepped). peak MiB: on the CPU the
-peak resident set (``VmHWM`` reset via ``/proc/self/clear_refs``) less the resident set then, on CUDA
+other) at its side's precision and steps ``--memory-steps`` times (2: the second is the steady state);
+sslbench's side, the same in both comparisons, is measured once per method and arch. Both figures are
+growth over the post-setup baseline (models, optimizer, views built, nothing stepped). peak MiB: on the
+CPU the peak resident set (``VmHWM`` reset via ``/proc/self/clear_refs``) less the resident set then, on CUDA
 ``max_memory_allocated`` (``bench_knn.PeakMemory``); resident memory includes allocator slack and oneDNN
 workspaces. tensor peak MiB: the most bytes of live tensor storages (``bench_knn.TensorPeak``), the
 CPU analogue of CUDA's allocator peak; it repeats exactly. The subprocesses pin glibc's mmap threshold
@@ -76,11 +95,33 @@ from step_pair import (
     sslbench_side,
 )
 
+from sslbench.base.precision import precision_choice
 from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
-from sslbench.training.step import precision_for
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, pinned: see the module docstring
+COMPARISONS = ("same", "defaults")
+# Lightning's default 32-bit precision, no autocast, on the CPU and on CUDA (there until AMP is enabled)
+LIGHTLY_DEFAULT = "fp32"
+
+Precisions = dict[str, str]  # implementation -> resolved precision ("fp32" or "bf16")
+
+
+def comparison_plan(requested: str, auto: str) -> list[tuple[str, Precisions]]:
+    """The comparisons to run with each side's precision; a repeat of an earlier one is dropped."""
+    plan: list[tuple[str, Precisions]] = []
+    for name in COMPARISONS if requested == "both" else (requested,):
+        precisions = {"sslbench": auto, "lightly": auto if name == "same" else LIGHTLY_DEFAULT}
+        if all(precisions != earlier for _, earlier in plan):
+            plan.append((name, precisions))
+    return plan
+
+
+def heading(name: str, precisions: Precisions) -> str:
+    ssl, lit = precisions["sslbench"], precisions["lightly"]
+    if name == "same":
+        return f"Same precision ({ssl} both)"
+    return f"Each library's default (sslbench auto = {ssl}, lightly {lit})"
 
 
 def _sync(device: torch.device) -> None:
@@ -111,8 +152,9 @@ def profile_step(side: Side, label: str, rows: int) -> None:
     print(f"\n#### {label}\n\n```\n{prof.key_averages().table(sort_by=key, row_limit=rows)}\n```")
 
 
-def memory_in_subprocess(impl: str, setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+def memory_in_subprocess(impl: str, precision: str, setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", impl]
+    command += ["--child-precision", precision]
     command += ["--methods", setup.name, "--archs", setup.arch, "--device", str(setup.device)]
     command += ["--image-size", str(setup.image_size), "--batch", str(setup.batch)]
     command += ["--local-crops", str(setup.local_crops), "--memory-steps", str(args.memory_steps)]
@@ -126,13 +168,13 @@ def memory_in_subprocess(impl: str, setup: Setup, args: argparse.Namespace) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def memory_child(impl: str, setup: Setup, steps: int) -> dict[str, Any]:
+def memory_child(impl: str, precision: str, setup: Setup, steps: int) -> dict[str, Any]:
     """Build one implementation alone, then measure its steps' peak over the post-setup baseline."""
     views, backbone = make_views(setup), seeded_backbone(setup)
     if impl == "sslbench":
-        side, _ = sslbench_side(setup, backbone, views)
+        side, _ = sslbench_side(setup, backbone, views, precision)
     else:
-        side, _ = lightly_side(setup, backbone, views, method_config(setup), None)
+        side, _ = lightly_side(setup, backbone, views, method_config(setup), None, precision)
     gc.collect()
     with PeakMemory(setup.device) as memory, TensorPeak() as tensors:
         for _ in range(steps):
@@ -145,11 +187,20 @@ def memory_child(impl: str, setup: Setup, steps: int) -> dict[str, Any]:
     }
 
 
-def compare(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+def compare(
+    setup: Setup,
+    name: str,
+    precisions: Precisions,
+    args: argparse.Namespace,
+    measured: dict[tuple, dict[str, Any]],
+) -> dict[str, Any]:
+    """One comparison of one (method, arch); ``measured`` caches memory runs shared by comparisons."""
     views, backbone = make_views(setup), seeded_backbone(setup)
     lightly_backbone = copy.deepcopy(backbone)
-    ssl, method = sslbench_side(setup, backbone, views)
-    lit, same_init = lightly_side(setup, lightly_backbone, views, method.config, method)
+    ssl, method = sslbench_side(setup, backbone, views, precisions["sslbench"])
+    lit, same_init = lightly_side(
+        setup, lightly_backbone, views, method.config, method, precisions["lightly"]
+    )
     sides = {"sslbench": ssl, "lightly": lit}
     first = {impl: float(side.step()) for impl, side in sides.items()}  # from identical weights
     for _ in range(args.warmup - 1):
@@ -158,11 +209,16 @@ def compare(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     times = time_interleaved(sides, args.rounds, setup.device)
     if args.profile:
         for impl, side in sides.items():
-            profile_step(side, f"{impl}: {setup.name} {setup.arch}", args.profile)
+            profile_step(side, f"{impl} ({precisions[impl]}): {setup.name} {setup.arch}", args.profile)
     del sides, ssl, lit, method
     gc.collect()
-    memory = {impl: memory_in_subprocess(impl, setup, args) for impl in IMPLS}
-    result: dict[str, Any] = {"method": setup.name, "arch": setup.arch, "same_init": same_init}
+    for impl in IMPLS:
+        key = (impl, precisions[impl], setup.name, setup.arch)
+        if key not in measured:
+            measured[key] = memory_in_subprocess(impl, precisions[impl], setup, args)
+    memory = {impl: measured[impl, precisions[impl], setup.name, setup.arch] for impl in IMPLS}
+    result: dict[str, Any] = {"comparison": name, "method": setup.name, "arch": setup.arch}
+    result |= {f"{impl}_precision": precisions[impl] for impl in IMPLS} | {"same_init": same_init}
     for impl in IMPLS:
         mean = sum(times[impl]) / len(times[impl])
         result[impl] = {
@@ -216,10 +272,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold in memory runs"
     )
+    parser.add_argument(
+        "--compare",
+        choices=(*COMPARISONS, "both"),
+        default="both",
+        help="same: both sides at sslbench's auto precision; defaults: lightly at its fp32 (default both)",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print top operators")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 resists a busy CPU")
     parser.add_argument("--json", type=Path, metavar="OUT")
     parser.add_argument("--memory-child", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     args.archs = args.archs or ("resnet50,vit_s16" if cuda else "resnet18,vit_tiny16")
@@ -227,6 +290,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.local_crops = args.local_crops if args.local_crops is not None else (10 if cuda else 2)
     args.warmup = max(1, args.warmup)
     return args
+
+
+def report(
+    plan: list[tuple[str, Precisions]], results: list[dict[str, Any]], args: argparse.Namespace
+) -> None:
+    """One table per comparison, then what the columns mean."""
+    for name, precisions in plan:
+        print(f"### {heading(name, precisions)}\n")
+        print(markdown([r for r in results if r["comparison"] == name]) + "\n")
+    how = next((r["sslbench"]["how"] for r in results if "how" in r["sslbench"]), "")
+    if torch.device(args.device).type == "cpu" and not args.default_malloc:
+        how += ", glibc mmap threshold pinned"
+    print(
+        "ratio: sslbench / lightly images/s from mean step times, in brackets from median ones (> 1: "
+        "sslbench faster). Peak memory over the post-setup "
+        f"baseline, {args.memory_steps} steps in a subprocess per implementation and precision: {how}; "
+        "tensor peak: live tensor storages only (exact, repeatable)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,32 +321,31 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.archs.split(",")
     ]
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, setups[0], args.memory_steps)))
+        child = memory_child(args.memory_child, args.child_precision, setups[0], args.memory_steps)
+        print(json.dumps(child))
         return 0
     global_size, local_size = crop_sizes(args.image_size)
-    precision = precision_for(TrainConfig(), device)
+    auto, why = precision_choice(TrainConfig().precision, device)
+    plan = comparison_plan(args.compare, auto)
     print(
-        f"device {device}, {torch.get_num_threads()} threads, precision {precision}, "
-        f"batch {args.batch}, {global_size} px (DINO: 2x{global_size} + {args.local_crops}x{local_size}), "
-        f"{args.rounds} timed rounds after {args.warmup} warm-up\n"
+        f"device {device}, {torch.get_num_threads()} threads, sslbench precision {auto} ({why}), lightly "
+        f"default {LIGHTLY_DEFAULT}, batch {args.batch}, {global_size} px (DINO: 2x{global_size} + "
+        f"{args.local_crops}x{local_size}), {args.rounds} timed rounds after {args.warmup} warm-up\n"
     )
-    results = []
+    if args.compare == "both" and len(plan) == 1:
+        print(f"lightly's default is sslbench's precision here ({auto}): one comparison covers both\n")
+    results: list[dict[str, Any]] = []
+    measured: dict[tuple, dict[str, Any]] = {}  # memory runs, shared between comparisons
     for setup in setups:
-        results.append(compare(setup, args))
-        print(f"{setup.name} {setup.arch}: ratio {results[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
-    how = next((r["sslbench"]["how"] for r in results if "how" in r["sslbench"]), "")
-    if device.type == "cpu" and not args.default_malloc:
-        how += ", glibc mmap threshold pinned"
-    print(markdown(results))
-    print(
-        f"\nratio: sslbench / lightly images/s from mean step times, in brackets from median ones (> 1: "
-        "sslbench faster). Peak memory over the post-setup "
-        f"baseline, {args.memory_steps} steps in a subprocess per implementation: {how}; tensor peak: live "
-        "tensor storages only (exact, repeatable)."
-    )
+        for name, precisions in plan:
+            results.append(compare(setup, name, precisions, args, measured))
+            ratio = results[-1]["ratio"]
+            print(f"{setup.name} {setup.arch} {name}: ratio {ratio:.2f}", file=sys.stderr, flush=True)
+    report(plan, results, args)
     if args.json:
         meta = {"device": str(device), "threads": torch.get_num_threads(), "batch": args.batch}
         meta |= {"image_size": args.image_size, "local_crops": args.local_crops, "rounds": args.rounds}
+        meta |= {"sslbench_auto_precision": auto, "comparisons": dict(plan)}
         args.json.write_text(json.dumps({"settings": meta, "results": results}, indent=2) + "\n")
     return 0
 

@@ -51,9 +51,10 @@ from sslbench import Step, TrainContext, create_backbone, get_method
 from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
 from sslbench.method import Method
+from sslbench.models.backbones import set_fused_attention
 from sslbench.training.optim import build_optimizer, parameter_groups
 from sslbench.training.runner import compile_backbones
-from sslbench.training.step import memory_format_for, optimization_step, precision_for
+from sslbench.training.step import fused_attention_for, memory_format_for, optimization_step, precision_for
 
 TOLERANCE = 1e-2  # relative |loss_bf16 - loss_fp32| / |loss_fp32|: 2.5 bf16 ulps (2^-8 = 3.9e-3)
 IPE = 100  # the timed step is iteration IPE, epoch 1: after DINO's frozen-last-layer epoch
@@ -196,13 +197,14 @@ def throughput(work: Workload, args: argparse.Namespace, peak: float | None, tab
         method = build(work, device, train.drop_path_rate)
         views = make_views(work, args.batch, device, method.backbone.family)
         labels = torch.zeros(args.batch, dtype=torch.long, device=device)
-        optimizer = build_optimizer(train.optimizer, parameter_groups([method]), train.momentum)
+        optimizer = build_optimizer(train.optimizer, parameter_groups([method]), train.momentum, device)
         for group in optimizer.param_groups:
             group["lr"] = train.lr * args.batch / 256
             if group["regularized"]:
                 group["weight_decay"] = train.weight_decay
         precision = precision_for(train, device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        set_fused_attention(method, fused_attention_for(device, precision))  # as the runner does
         step = Step(IPE, 1, IPE, 10 * IPE)
 
         def run() -> object:

@@ -1,12 +1,12 @@
 """The two implementations of one training step that ``bench_vs_lightly`` compares: sslbench's own
 (the registry's method through ``optimization_step``) and lightly's, as its examples write it, on the
-same seeded backbone, views and hyper-parameters. See ``bench_vs_lightly``'s docstring for what still
-differs between them and why.
+same seeded backbone, views and hyper-parameters. Each side autocasts in the precision it is given
+(``fp32`` or ``bf16``), so the benchmark can hold precision equal or give each library its default. See
+``bench_vs_lightly``'s docstring for what still differs between them and why.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import warnings
@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from sslbench import Step, TrainContext, create_backbone, get_method
+from sslbench.base.precision import autocast_for
 from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
 from sslbench.method import Method
-from sslbench.models.backbones import arch_spec
+from sslbench.models.backbones import arch_spec, set_fused_attention
 from sslbench.training.optim import build_optimizer, parameter_groups
-from sslbench.training.step import memory_format_for, optimization_step, precision_for
+from sslbench.training.step import fused_attention_for, memory_format_for, optimization_step
 
 METHODS = ("dino", "byol", "simclr")
 IMPLS = ("sslbench", "lightly")
@@ -47,10 +48,6 @@ class Setup:
     @property
     def layout(self) -> torch.memory_format:
         return memory_format_for(self.device, self.family)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        bf16 = precision_for(TrainConfig(), self.device) == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @dataclass
@@ -96,18 +93,23 @@ def _trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def sslbench_side(setup: Setup, backbone: nn.Module, views: list[Tensor]) -> tuple[Side, Method]:
+def sslbench_side(
+    setup: Setup, backbone: nn.Module, views: list[Tensor], precision: str
+) -> tuple[Side, Method]:
+    """The runner's step; ``precision`` is a resolved one (``fp32`` or ``bf16``), as the runner passes,
+    with the runner's attention kernel for it and its fused optimizer."""
     train = TrainConfig()
     method = get_method(setup.name)(backbone, _config(setup), _context(setup))
     method = method.to(setup.device, memory_format=setup.layout)
-    optimizer = build_optimizer("adamw", parameter_groups([method]), train.momentum)
+    set_fused_attention(method, fused_attention_for(setup.device, precision))
+    optimizer = build_optimizer("adamw", parameter_groups([method]), train.momentum, setup.device)
     for group in optimizer.param_groups:  # what the runner's schedules set at the start
         group["lr"] = train.lr * setup.batch / 256
         if group["regularized"]:
             group["weight_decay"] = train.weight_decay
     labels = torch.zeros(setup.batch, dtype=torch.long, device=setup.device)
     step = Step(IPE * EPOCH, EPOCH, IPE, IPE * 10)
-    autocast = setup.autocast()
+    autocast = autocast_for(precision, setup.device)
 
     def run() -> Tensor | float:
         loss, _ = optimization_step(method, optimizer, views, labels, step, 0.0, train.ema_momentum, autocast)
@@ -126,9 +128,12 @@ def _copy_stack(source: nn.Sequential, target: nn.Sequential) -> None:
 
 
 def lightly_side(
-    setup: Setup, backbone: nn.Module, views: list[Tensor], config: Any, source: Method | None
+    setup: Setup, backbone: nn.Module, views: list[Tensor], config: Any, source: Method | None, precision: str
 ) -> tuple[Side, bool]:
-    """lightly's example step; also returns whether the heads took ``source``'s (sslbench's) weights."""
+    """lightly's example step; also returns whether the heads took ``source``'s (sslbench's) weights.
+
+    ``precision`` ``fp32`` runs it without autocast, as its examples do by default (Lightning's 32-bit).
+    """
     from lightly import loss
     from lightly.models import modules
     from lightly.models.utils import deactivate_requires_grad as freeze
@@ -222,7 +227,7 @@ def lightly_side(
     model.to(setup.device, memory_format=setup.layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TrainConfig().lr * setup.batch / 256)
     optimizer.param_groups[0]["weight_decay"] = TrainConfig().weight_decay
-    autocast = setup.autocast()
+    autocast = autocast_for(precision, setup.device)
 
     def run() -> Tensor:
         with autocast:
