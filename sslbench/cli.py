@@ -24,7 +24,7 @@ from sslbench.training.distributed import shutdown_distributed
 from sslbench.training.interrupt import RunInterrupted
 
 if TYPE_CHECKING:
-    from sslbench.training.experiment import RunOutcome
+    from sslbench.training.experiment import PairTime, RunOutcome
 
 
 def _csv(text: str) -> list[str]:
@@ -187,18 +187,24 @@ def _restart(args: argparse.Namespace) -> str:
     return "resume" if args.resume else "force" if args.force else "new"
 
 
-def time_breakdown(timings: dict[str, dict[str, float]], total: float) -> str:
+def time_breakdown(timings: dict[str, PairTime], total: float) -> str:
     """Where a run's time went: training per pair, then evaluation, monitoring, checkpoints and logging
-    over all pairs, and the rest (loading data, building models, reports)."""
+    over all pairs, and the rest of this session (loading data, building models, reports)."""
     if not timings:
         return f"time: {total:.0f} s, no pair trained in this session"
-    training = ", ".join(f"{pair} {parts['training']:.0f} s" for pair, parts in timings.items())
-    spent = [f"training {training}"]
+    training = []
+    for pair, spent in timings.items():
+        if spent.failed:
+            training.append(f"{pair} failed after {spent.session_s:.0f} s")
+        else:
+            earlier = " (with earlier sessions)" if spent.resumed else ""
+            training.append(f"{pair} {spent.parts['training']:.0f} s{earlier}")
+    parts = [f"training {', '.join(training)}"]
     for part in ("evaluation", "monitoring", "checkpoints", "logging"):
-        spent.append(f"{part} {sum(parts[part] for parts in timings.values()):.0f} s")
-    rest = total - sum(sum(parts.values()) for parts in timings.values())
-    spent.append(f"the rest {max(rest, 0.0):.0f} s (data, set-up, reports)")
-    return f"time: {'; '.join(spent)}"
+        parts.append(f"{part} {sum(spent.parts[part] for spent in timings.values()):.0f} s")
+    rest = total - sum(spent.session_s for spent in timings.values())
+    parts.append(f"the rest {max(rest, 0.0):.0f} s (data, set-up, reports)")
+    return f"time: {'; '.join(parts)}"
 
 
 def _finish(outcome: RunOutcome, text: str, started: float) -> int:

@@ -61,6 +61,7 @@ def test_feature_precision_follows_training_unless_set(monkeypatch) -> None:
     assert feature_precision(resolve_config([{}], ["dino"]), CPU)[0] == "bf16"
     own = resolve_config([{"eval": {"precision": "fp32"}}], ["dino"])
     assert feature_precision(own, CPU)[0] == "fp32"
+    assert feature_precision(resolve_config([{}], ["dino"]), CUDA)[0] == "fp32"  # as the references
 
 
 def test_autocast_for_runs_matmuls_in_the_precision() -> None:
@@ -112,3 +113,22 @@ def test_bf16_and_fp32_steps_agree(name: str, arch: str) -> None:
     assert abs(loss16 - loss32) <= 0.01 * abs(loss32)
     assert torch.nn.functional.cosine_similarity(update16, update32, dim=0) > 0.95
     assert update16.norm() == pytest.approx(update32.norm(), rel=0.15)
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("bf16", False), ("fp32", True)])
+def test_the_runner_picks_the_attention_kernel_and_hash_of_the_precision(precision: str, fused: bool) -> None:
+    """bf16 on a CPU: plain attention; fp32: timm's fused default. The pair hash holds the precision."""
+    from sslbench.data.datasets import load_dataset
+    from sslbench.method.registry import get_method
+    from sslbench.models.backbones import create_backbone
+    from sslbench.training.runner import build_method, pair_config_hash, plan_pair
+
+    config = resolve_config([{"train": {"precision": precision}, "dino": {"out_dim": 64}}], ["dino"])
+    plan = plan_pair(get_method("dino"), "vit_tiny16", config, CPU, 32)
+    data = load_dataset("embedded")
+    method = build_method(plan, create_backbone("vit_tiny16", 32), data, 4)
+    kernels = {m.fused_attn for m in method.modules() if hasattr(m, "fused_attn")}
+    assert kernels == {fused}
+    other = resolve_config([{"train": {"precision": "fp32" if precision == "bf16" else "bf16"}}], ["dino"])
+    other_plan = plan_pair(get_method("dino"), "vit_tiny16", other, CPU, 32)
+    assert pair_config_hash(plan, config, data, method) != pair_config_hash(other_plan, other, data, method)

@@ -14,8 +14,13 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
-# torch's CPU feature probes (private, present since torch 2.1); a torch without one reads as "absent".
-_CPU_BF16_PROBES = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+# torch's CPU feature probes are private and were renamed across versions (torch 2.4 has the AMX one as
+# _is_cpu_support_amx_tile); a probe this torch lacks reads as "absent", so auto falls back to fp32.
+_CPU_BF16_PROBES = (
+    ("AMX", "_is_amx_tile_supported"),
+    ("AMX", "_is_cpu_support_amx_tile"),
+    ("AVX512-BF16", "_is_avx512_bf16_supported"),
+)
 
 
 def cpu_bf16_units() -> str | None:
@@ -42,7 +47,6 @@ def precision_choice(requested: str, device: torch.device) -> tuple[str, str]:
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of a resolved precision (``fp32`` or ``bf16``) on ``device``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """The autocast context of a resolved precision (``fp32`` or ``bf16``) on ``device``: fp32 turns an
+    enclosing autocast off, so it means fp32 wherever it is entered."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

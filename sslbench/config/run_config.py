@@ -72,7 +72,7 @@ class EvalConfig:
     monitor_bank_per_class: int = 20
     monitor_test_per_class: int = 10
     cache_features: bool = True  # keep the frozen features beside the weights (features-<hash>.pt)
-    precision: str = "auto"  # feature extraction: auto (the training precision) | fp32 | bf16
+    precision: str = "auto"  # feature extraction: auto (fp32 on CUDA, else the training one) | fp32 | bf16
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Every method sees its views through this module, so a comparison between methods differs only in the
 recipe each paper prescribes, never in how a crop or a blur happens to be implemented. The recipes
 follow the reference code at 224 px; below that the crop sizes shrink with the image (``crop_sizes``),
-and only crops of 96 px or more are blurred (``gaussian_blur``), since no reference blurs a smaller one.
+and only crops of 96 px or more are blurred (``blurs``), since no reference blurs a smaller one.
 
 All transforms are torchvision v1 transforms on PIL images; their randomness comes from torch's
 global generator, so ``torch.manual_seed`` makes a run repeatable.
@@ -340,6 +340,8 @@ def build_eval_transform(
     Small images are resized on the short side and centre-cropped, which is a no-op for images already
     at ``image_size`` and keeps the aspect ratio for those that are not.
     """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (images are RGB), got {list(mean)} and {list(std)}")
     resize_to = image_size if image_size <= SMALL_IMAGE_MAX else round(image_size * 256 / _REFERENCE_SIZE)
     return T.Compose(
         [

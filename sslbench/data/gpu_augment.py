@@ -19,8 +19,8 @@ plus its valid (h, w), so batches collate without resizing away the aspect ratio
   tensors, with per-sample factors and the per-sample random order of ``ColorJitter``. The CPU path
   runs their PIL versions on 8-bit images (rounded after every op, solarize on rounded values),
   which differ from these by about 1/255, and hue, through 8-bit HSV, by up to about 10/255. The
-  blur draws the same sigma; PIL approximates the Gaussian by three box passes of the same variance,
-  here it is the exact Gaussian kernel;
+  blur draws the same sigma; PIL approximates the Gaussian by three box passes of the same variance
+  and repeats the edge pixels, here it is the exact Gaussian kernel with reflect padding;
 - images larger than the canvas are first shrunk to it (``canvas_size_for``: 256 px for 224 px
   views, as the standard ImageNet resize), so a small-scale crop of a large photograph is upsampled
   from fewer source pixels than on the CPU path, which crops the full-resolution image.

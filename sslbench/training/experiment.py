@@ -46,22 +46,35 @@ class RunOutcome:
     results: pd.DataFrame
     failed: list[str]
     main: bool = True  # False on the helper ranks of a distributed run, which print nothing
-    # Seconds by pair and by part (PAIR_TIME_PARTS) for the pairs this session ran.
-    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Where the time went, by pair, for the pairs this session ran.
+    timings: dict[str, PairTime] = field(default_factory=dict)
 
 
-# Where a pair's time goes: eval.json keys, read by ``pair_timings``.
+# Where a pair's time goes: eval.json keys, read by ``pair_time``.
 PAIR_TIME_PARTS = ("training", "evaluation", "monitoring", "checkpoints", "logging")
 
 
-def pair_timings(record: dict[str, Any]) -> dict[str, float]:
-    """A pair's seconds by part, from its eval.json record (a failed pair has no training summary)."""
+@dataclass(frozen=True)
+class PairTime:
+    """A pair's seconds by part (``PAIR_TIME_PARTS``; a resumed pair's include its earlier sessions),
+    and its wall time in this session."""
+
+    parts: dict[str, float]
+    session_s: float
+    resumed: bool = False
+    failed: bool = False
+
+
+def pair_time(record: dict[str, Any]) -> PairTime:
+    """From a pair's eval.json record; a failed pair has no training summary and no evaluation."""
     train = record.get("train") or {}
     seconds = (
         train.get("wall_s"), record.get("eval_s"), train.get("monitor_s"),
         train.get("checkpoint_s"), train.get("logging_s"),
     )  # fmt: skip
-    return {part: float(value or 0.0) for part, value in zip(PAIR_TIME_PARTS, seconds, strict=True)}
+    parts = {part: float(value or 0.0) for part, value in zip(PAIR_TIME_PARTS, seconds, strict=True)}
+    resumed, failed = train.get("resumed_at") is not None, record.get("status") != "ok"
+    return PairTime(parts, float(record.get("total_wall_s") or 0.0), resumed, failed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -270,7 +283,7 @@ def _run_pairs(
 
     failed: list[str] = []
     progress = RunProgress(len(plans), show_progress and is_main())
-    timings: dict[str, dict[str, float]] = {}
+    timings: dict[str, PairTime] = {}
     for plan, plan_config in plans:
         name = plan.method_cls.name
         pair_dir = out_dir / plan.folder_name
@@ -314,7 +327,7 @@ def _run_pairs(
             failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         progress.finish(record["total_wall_s"])
-        timings[plan.folder_name] = pair_timings(record)
+        timings[plan.folder_name] = pair_time(record)
         write_json_atomic(pair_dir / "eval.json", record)
         if record["status"] == "ok":  # its numbers are final and a resume keeps them: free the disk
             shutil.rmtree(pair_dir / CHECKPOINT_FOLDER, ignore_errors=True)

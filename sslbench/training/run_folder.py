@@ -24,8 +24,8 @@ from sslbench.base.errors import SSLBenchError
 
 LOCK_NAME = ".lock"
 RESTART_MODES = ("new", "resume", "force")
-# Keys that may differ on a resume: where the results go does not change a number. (The device does:
-# precision "auto" is bf16 on CUDA and fp32 on the CPU.)
+# Keys that may differ on a resume: where the results go does not change a number. (The machine does:
+# precision "auto" resolves per device and CPU, and a checkpoint's hash holds the resolved precision.)
 RESUMABLE_CHANGES = frozenset({"out"})
 # What a run writes at its top level; --force removes these and the pair folders, nothing else.
 RUN_FILES = frozenset(

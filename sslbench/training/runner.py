@@ -223,7 +223,8 @@ def build_method(
     method = plan.method_cls(backbone, plan.method_options, context)
     method = sync_batch_norm(method, device)  # global BatchNorm statistics across ranks, as the papers
     method = method.to(device, memory_format=memory_format_for(device, backbone.family))
-    set_fused_attention(method, fused_attention_for(device, precision_for(train_cfg, device)))
+    if not fused_attention_for(device, precision_for(train_cfg, device)):
+        set_fused_attention(method, False)  # elsewhere timm's own choice stands
     if train_cfg.compile:
         compile_backbones(method)
     return method
@@ -322,6 +323,7 @@ def protocol_record(
         "precision": precision_for(train_cfg, plan.device),
         "precision_reason": precision_choice(train_cfg.precision, plan.device)[1],
         "feature_precision": feature_precision(config, plan.device)[0],
+        "feature_precision_reason": feature_precision(config, plan.device)[1],
         "blur": blur_description(method.view_recipe(), data.image_size) if trainable else "none (untrained)",
         "seed": config.seed,
         "device": str(plan.device),

@@ -69,8 +69,7 @@ class TrainState:
             guard=LossGuard(checkpoint["last_finite_loss"]),
             resumed_at=checkpoint["iteration"] or None,
             wall_before=checkpoint["wall_s"],
-            # A checkpoint written before the kinds were kept apart holds one total, "monitor_s".
-            aside_before=checkpoint.get("aside_s", {"monitor": checkpoint.get("monitor_s", 0.0)}),
+            aside_before=dict(checkpoint["aside_s"]),
         )
 
     def payload(self) -> dict[str, Any]:
