@@ -40,6 +40,8 @@ agree; the table gives their relative difference. What still differs is lightly'
 
 - BYOL: ``NegativeCosineSimilarity`` is ``-cos``; the lightly side writes ``4 + 2 (L(p0, z1) + L(p1, z0))``,
   sslbench's (the paper's) symmetrised ``2 - 2 cos``: same value, same gradients.
+- SimCLR: ``NTXentLoss`` averages over the 2N anchors; sslbench sums the two views' means as the
+  reference code does, so the lightly side returns twice its loss: same value, same gradients.
 - Views: lightly's examples send each view through on its own; sslbench batches the crops of one
   resolution (DINO, SimCLR) as the references do: the same FLOPs in fewer, larger calls, but BatchNorm
   statistics over the batched views, so DINO with a ResNet and SimCLR (BN in its head) start from

@@ -220,7 +220,7 @@ def lightly_side(
             x0, x1 = views
             z0 = projector(backbone(x0).flatten(start_dim=1))
             z1 = projector(backbone(x1).flatten(start_dim=1))
-            return nt_xent(z0, z1)
+            return 2 * nt_xent(z0, z1)  # lightly averages over 2N anchors; the reference sums two means
 
     else:
         raise ValueError(f"no lightly counterpart for {setup.name!r}")

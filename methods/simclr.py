@@ -6,7 +6,8 @@ Chen et al. 2020, arXiv 2002.05709.
   features, output 128, BN on both layers as in the reference code; the loss is on ``z = g(f(x))``
   (Sec. 2.1).
 - NT-Xent (Eq. 1): ``l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)``
-  over the 2N views of a batch, averaged over all positive pairs (Algorithm 1).
+  over the 2N views of a batch, scaled as the reference code: the mean over each view's anchors,
+  summed over the two views (``loss_a + loss_b``; twice Algorithm 1's average over all positive pairs).
 - tau: 0.5 on small images (the paper's CIFAR-10 recipe, Appendix B.9), 0.1 at ImageNet scale.
 - Views: two draws of the same augmentation (crop, flip, colour distortion, grayscale, blur).
 """

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sslbench.losses import byol_loss, dino_loss, nt_xent_loss, updated_center
 
@@ -251,13 +252,28 @@ def _reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.
     return sum(ell(2 * k, 2 * k + 1) + ell(2 * k + 1, 2 * k) for k in range(n)) / m
 
 
+def _reference_code_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """The reference code's ``add_contrastive_loss`` (google-research/simclr), transcribed: masked
+    self-similarities at -1e9, softmax cross-entropy averaged over the batch, ``loss_a + loss_b``."""
+    h1, h2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = h1.shape[0]
+    masks = torch.eye(n, dtype=h1.dtype) * 1e9
+    logits_aa, logits_bb = h1 @ h1.t() / tau - masks, h2 @ h2.t() / tau - masks
+    logits_ab, logits_ba = h1 @ h2.t() / tau, h2 @ h1.t() / tau
+    labels = torch.arange(n)
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels)
+    return loss_a + loss_b
+
+
 @pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
-def test_nt_xent_matches_algorithm_1(tau: float):
+def test_nt_xent_matches_the_reference_code_and_twice_algorithm_1(tau: float):
     gen = _gen(20)
     z1 = _randn(gen, 6, 10, scale=2.0).requires_grad_(True)
     z2 = _randn(gen, 6, 10, scale=0.5).requires_grad_(True)
     got = nt_xent_loss(z1, z2, tau)
-    expected = _reference_nt_xent(z1, z2, tau)
+    torch.testing.assert_close(got, _reference_code_nt_xent(z1, z2, tau), rtol=1e-10, atol=1e-10)
+    expected = 2 * _reference_nt_xent(z1, z2, tau)  # the paper's average over 2N anchors, doubled
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
     got.backward()

@@ -18,7 +18,11 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     """SimCLR's NT-Xent, Chen et al. 2020 (arXiv 2002.05709), Eq. 1 and Algorithm 1.
 
     ``l(i, j) = -log exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau)`` with cosine
-    ``sim``, averaged over all ``2N`` anchors; row ``i`` of ``z1`` and ``z2`` are the positive pair.
+    ``sim``; row ``i`` of ``z1`` and ``z2`` are the positive pair. Scaled as the reference code that
+    produced the paper's numbers (google-research/simclr, ``add_contrastive_loss``): ``loss_a + loss_b``,
+    the mean over the ``z1`` anchors plus the mean over the ``z2`` anchors, twice Algorithm 1's average
+    over all ``2N``. The scale reaches the update wherever nothing normalises it: the biases and norms
+    LARS excludes from adaptation, and gradient clipping.
     In a distributed run the anchors are this rank's and the candidates ``k`` are every rank's (the
     paper's global batch); averaged over ranks by DDP this is the one-process loss.
     In fp32: dividing bf16 similarities by tau = 0.1 would magnify their rounding error tenfold.
@@ -36,4 +40,4 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     rows = torch.arange(2 * n, device=anchors.device)
     logits = logits.index_put((rows, self_columns), logits.new_tensor(-torch.inf))
     targets = torch.cat([own + total, own])
-    return F.cross_entropy(logits, targets)
+    return 2 * F.cross_entropy(logits, targets)  # the mean over 2N rows is (loss_a + loss_b) / 2
