@@ -150,6 +150,7 @@ def test_ablation_table_rows_follow_the_variants(tmp_path: Path) -> None:
     assert [row.split("|")[1].strip() for row in rows] == NAMES
     assert "| –" in rows[2] and " yes " in rows[1] and " no " in rows[0]
     assert "Protocol:" in text and "- knn_k: 20" in text
+    assert "not the reference's eval_linear.py" in text
     csv = pd.read_csv(tmp_path / "ablation.csv")
     assert list(csv["variant"]) == NAMES
     assert list(csv["k-NN"]) == [20.0 + i for i in range(7)]

@@ -144,6 +144,7 @@ def test_format_table_text_lists_failures(df: pd.DataFrame) -> None:
     text = format_table_text(df)
     assert "| method" in text and "vit_tiny16 (patch 4) / k-NN" in text
     assert "Protocol:" in text and "- seed: 0" in text
+    assert "not the reference's eval_linear.py" in text  # the linear column is not the paper's
     assert "byol/vit_tiny16 (run run_a): CUDA out of memory" in text
 
 

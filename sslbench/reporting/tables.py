@@ -251,9 +251,17 @@ def _markdown(table: pd.DataFrame) -> str:
     return flat.to_markdown(tablefmt="github", disable_numparse=True, colalign=align)
 
 
+# Laid out like the DINO paper's Table 2, so say once what its linear column is not.
+LINEAR_NOTE = (
+    "Linear: sslbench's fast probe (SGD on cached, standardised frozen features with a short lr sweep), "
+    "not the reference's eval_linear.py (augmented images, 100 epochs); not comparable with the paper's "
+    "linear column."
+)
+
+
 def format_table_text(df: pd.DataFrame) -> str:
     """Table, protocol and failures together: what the CLI prints when a run ends."""
-    parts = [_markdown(comparison_table(df)), "", "Protocol:"]
+    parts = [_markdown(comparison_table(df)), "", LINEAR_NOTE, "", "Protocol:"]
     parts += [f"- {line}" for line in protocol_summary(df)]
     failures = _failures(df)
     if failures:
@@ -274,7 +282,9 @@ def _latex_escape(text: str) -> str:
 def _latex_table(df: pd.DataFrame) -> str:
     table = comparison_table(df).replace(MISSING, "--")
     caption = (
-        "Top-1 accuracy (\\%) of linear and k-NN evaluation. Protocol: "
+        "Top-1 accuracy (\\%) of linear and k-NN evaluation. "
+        + _latex_escape(LINEAR_NOTE)
+        + " Protocol: "
         + "; ".join(_latex_escape(line) for line in protocol_summary(df))
         + "."
     )
