@@ -132,3 +132,21 @@ def test_the_runner_picks_the_attention_kernel_and_hash_of_the_precision(precisi
     other = resolve_config([{"train": {"precision": "fp32" if precision == "bf16" else "bf16"}}], ["dino"])
     other_plan = plan_pair(get_method("dino"), "vit_tiny16", other, CPU, 32)
     assert pair_config_hash(plan, config, data, method) != pair_config_hash(other_plan, other, data, method)
+
+
+def test_heads_last_layers_run_in_fp32_under_bf16() -> None:
+    """DINO's weight-normalised last layer (teacher logits at T = 0.04) and the MLP heads' final Linear
+    and BatchNorm give fp32 outputs equal to an fp32 pass over their (bf16) inputs."""
+    from sslbench.models.heads import DINOHead, MLPHead
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    dino, mlp = DINOHead(32, 64, hidden_dim=16, bottleneck_dim=8), MLPHead(32, 16, 8, last_bn=True).eval()
+    with autocast_for("bf16", CPU):
+        logits, bottleneck = dino(x), dino.mlp(x)
+        projected, hidden = mlp(x), mlp.mlp[:-2](x)
+    assert bottleneck.dtype == hidden.dtype == torch.bfloat16  # the layers before keep the autocast
+    assert logits.dtype == projected.dtype == torch.float32
+    expected = dino.last_layer(torch.nn.functional.normalize(bottleneck.float(), dim=-1))
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(projected, mlp.mlp[-2:](hidden.float()), rtol=1e-6, atol=1e-6)

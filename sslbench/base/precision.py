@@ -49,4 +49,15 @@ def precision_choice(requested: str, device: torch.device) -> tuple[str, str]:
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context of a resolved precision (``fp32`` or ``bf16``) on ``device``: fp32 turns an
     enclosing autocast off, so it means fp32 wherever it is entered."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if precision == "fp32":
+        return without_autocast(device.type)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for what must stay fp32 under an enclosing one (pixels, logits of a sharp softmax);
+    a device without autocast (e.g. meta) gets no context."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ import torchvision.transforms as T
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from sslbench.base.precision import without_autocast
 from sslbench.data import gpu_photometric as P
 from sslbench.data.augment import (
     MultiViewTransform,
@@ -265,14 +265,6 @@ def sample_view_params(spec: ViewSpec, sizes: Tensor, generator: torch.Generator
     )
 
 
-def _without_autocast(device_type: str) -> AbstractContextManager:
-    """Autocast off where the device has it (an outer autocast would run the crops in half precision)."""
-    try:
-        return torch.autocast(device_type, enabled=False)
-    except RuntimeError:  # a device without autocast, e.g. meta
-        return nullcontext()
-
-
 # --- the module --------------------------------------------------------------------------------------
 
 
@@ -330,7 +322,7 @@ class BatchViewAugmenter(torch.nn.Module):
         views: list[Tensor] = []
         start = 0
         # Views are pixels, not activations: under an outer autocast they still need float32.
-        with _without_autocast(images.device.type):
+        with without_autocast(images.device.type):
             pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
             for i, (spec, count) in enumerate(self.groups):
                 group = ViewParams.cat(params[start : start + count])

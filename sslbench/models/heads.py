@@ -1,10 +1,24 @@
-"""Projection and prediction heads shared by the methods."""
+"""Projection and prediction heads shared by the methods.
+
+Every head's last layer runs in fp32 whatever the autocast (``_in_fp32``): its output goes straight to
+a loss, often through a sharp softmax (DINO's teacher at T = 0.04, SimCLR's tau = 0.1), where bf16
+rounding of the logits would be magnified 10-25x. The layers before it keep the autocast precision.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from sslbench.base.precision import without_autocast
+
+
+def _in_fp32(layers: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    with without_autocast(x.device.type):
+        return layers(x.float())
 
 
 class MLPHead(nn.Module):
@@ -28,9 +42,10 @@ class MLPHead(nn.Module):
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim))
         self.mlp = nn.Sequential(*layers)
+        self._last = 2 if last_bn else 1  # the final Linear (and its BatchNorm), run in fp32
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x)
+        return _in_fp32(self.mlp[-self._last :], self.mlp[: -self._last](x))
 
 
 class DINOHead(nn.Module):
@@ -72,4 +87,4 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         if predictor is not None:
             x = predictor(x)
-        return self.last_layer(F.normalize(x, dim=-1))
+        return _in_fp32(lambda bottleneck: self.last_layer(F.normalize(bottleneck, dim=-1)), x)
