@@ -48,6 +48,7 @@ from bench_knn import PeakMemory
 from torch import Tensor
 
 from sslbench import Step, TrainContext, create_backbone, get_method
+from sslbench.base.precision import autocast_for
 from sslbench.config import TrainConfig
 from sslbench.data.augment import crop_sizes
 from sslbench.method import Method
@@ -203,7 +204,7 @@ def throughput(work: Workload, args: argparse.Namespace, peak: float | None, tab
             if group["regularized"]:
                 group["weight_decay"] = train.weight_decay
         precision = precision_for(train, device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        autocast = autocast_for(precision, device)
         set_fused_attention(method, fused_attention_for(device, precision))  # as the runner does
         step = Step(IPE, 1, IPE, 10 * IPE)
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sslbench.base.collectives import is_main, on_main, world_size
+from sslbench.base.precision import autocast_for
 from sslbench.config import TrainConfig
 from sslbench.method import Method, Step
 from sslbench.training.checkpoint import Checkpointing
@@ -50,7 +51,7 @@ def train_loop(
     ipe, epochs = len(loader), train_cfg.epochs
     schedules = Schedules.for_run(train_cfg, ipe)
     optimizer = build_optimizer(train_cfg.optimizer, parameter_groups([method]), train_cfg.momentum, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = autocast_for(precision, device)
     make_views = make_views or device_views(device, memory_format_for(device, method.backbone.family))
     checkpoints = checkpointing or Checkpointing.disabled(pair_dir)
     state = TrainState.restore(checkpoints.latest(), method, optimizer, checkpoints.augment_generator)

@@ -302,6 +302,8 @@ def protocol_record(
 ) -> dict[str, Any]:
     """Every protocol detail beside the numbers it produced."""
     train_cfg, trainable = plan.train, plan.method_cls.trainable
+    precision, precision_reason = precision_choice(train_cfg.precision, plan.device)
+    features_in, features_reason = feature_precision(config, plan.device)
     return {
         "dataset": data.name,
         "dataset_description": data.description,
@@ -320,10 +322,10 @@ def protocol_record(
         "optimizer": train_cfg.optimizer,
         "base_lr": train_cfg.lr,
         "recipe": plan.recipe,
-        "precision": precision_for(train_cfg, plan.device),
-        "precision_reason": precision_choice(train_cfg.precision, plan.device)[1],
-        "feature_precision": feature_precision(config, plan.device)[0],
-        "feature_precision_reason": feature_precision(config, plan.device)[1],
+        "precision": precision,
+        "precision_reason": precision_reason,
+        "feature_precision": features_in,
+        "feature_precision_reason": features_reason,
         "blur": blur_description(method.view_recipe(), data.image_size) if trainable else "none (untrained)",
         "seed": config.seed,
         "device": str(plan.device),
