@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sslbench.base.errors import SSLBenchError, unknown_name_message
 from sslbench.base.small_images import SMALL_IMAGE_MAX
+from sslbench.models.vit import create_vit
 
 VIT_LINEAR_BLOCKS = 4  # DINO's linear protocol for ViT-S: class tokens of the last 4 blocks
 
@@ -92,16 +93,16 @@ def create_backbone(arch: str, image_size: int, drop_path_rate: float = 0.0) -> 
 
     Small images: ResNets take the CIFAR stem (3x3 conv, stride 1, no max-pool; SimCLR, Chen et al. 2020,
     Appendix B.9)
-    and ViTs a patch size that keeps an 8x8 grid. ViTs interpolate position embeddings for crops of
-    another size (``dynamic_img_size``), which multi-crop's local crops need, and pad a crop whose side
-    is not a multiple of the patch (``dynamic_img_pad``; e.g. 41 px local crops of 96 px images).
+    and ViTs a patch size that keeps an 8x8 grid. ViTs resample position embeddings for crops of
+    another size as the DINO reference does (``sslbench.models.vit``), which multi-crop's local crops
+    need, and pad a crop whose side is not a multiple of the patch (``dynamic_img_pad``; e.g. 41 px
+    local crops of 96 px images).
     """
     spec = arch_spec(arch)
     patch_size = effective_patch_size(arch, image_size)
     if spec.family == "vit":
-        model = timm.create_model(
+        model = create_vit(
             spec.timm_name,
-            pretrained=False,
             num_classes=0,
             img_size=image_size,
             patch_size=patch_size,
