@@ -3,8 +3,9 @@
 Grill et al. 2020, "Bootstrap your own latent: A new approach to self-supervised learning",
 arXiv 2006.07733.
 
-- Online network: backbone ``f_theta``, projector ``g_theta`` (MLP 4096 -> 256 with BN), predictor
-  ``q_theta`` (same shape). Target network: ``f_xi, g_xi``, an EMA of the online one,
+- Online network: backbone ``f_theta``, projector ``g_theta`` (MLP 4096 -> 256 with BN, no bias on the
+  output layer, haiku's truncated-normal init: reference ``networks.MLP``), predictor ``q_theta`` (same
+  shape). Target network: ``f_xi, g_xi``, an EMA of the online one,
   ``xi <- tau xi + (1 - tau) theta`` with tau 0.996 -> 1 on a cosine (Eq. 1, Sec. 3.3).
 - Loss (Eq. 2): ``L = 2 - 2 <q(z), z'> / (||q(z)|| ||z'||)`` with the target's projection ``z'`` of
   the other view, symmetrised (``L + L~``) by swapping the views.
@@ -30,6 +31,7 @@ from sslbench import (
     ViewRecipe,
     byol_loss,
     ema_copy,
+    init_linears,
     multicrop_forward,
     register_method,
     two_views,
@@ -62,6 +64,8 @@ class BYOL(Method):
         super().__init__(backbone, config, context)
         self.projector = MLPHead(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim)
         self.predictor = MLPHead(config.proj_dim, config.pred_hidden_dim, config.proj_dim)
+        for head in (self.projector, self.predictor):  # haiku's Linear init, as the reference's
+            init_linears(head, std=lambda fan_in: fan_in**-0.5, truncated=True)
         self.target_backbone = ema_copy(backbone)
         self.target_projector = ema_copy(self.projector)
 

@@ -3,8 +3,9 @@
 Chen et al. 2020, arXiv 2002.05709.
 
 - Encoder ``f`` (the backbone) and projection head ``g``: MLP with one hidden layer as wide as the
-  features, output 128, BN on both layers as in the reference code; the loss is on ``z = g(f(x))``
-  (Sec. 2.1).
+  features, output 128 (Sec. 2.1); as the reference's ``projection_head``: BN on both layers, no Linear
+  biases, the last BN without a shift (``center=False``), weights drawn from N(0, 0.01^2). The loss is
+  on ``z = g(f(x))``.
 - NT-Xent (Eq. 1): ``l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)``
   over the 2N views of a batch, scaled as the reference code: the mean over each view's anchors,
   summed over the two views (``loss_a + loss_b``; twice Algorithm 1's average over all positive pairs).
@@ -28,6 +29,7 @@ from sslbench import (
     StepOutput,
     TrainContext,
     ViewRecipe,
+    init_linears,
     multicrop_forward,
     nt_xent_loss,
     register_method,
@@ -76,6 +78,7 @@ class SimCLR(Method):
         if config.proj_hidden_dim is None:
             config.proj_hidden_dim = backbone.feat_dim
         self.projector = MLPHead(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim, last_bn=True)
+        init_linears(self.projector, std=lambda _: 0.01, truncated=False)  # the reference's dense init
 
     def view_recipe(self) -> ViewRecipe:
         return two_views(asymmetric=False)

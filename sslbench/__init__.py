@@ -25,7 +25,7 @@ from sslbench.method import (
     register_method,
 )
 from sslbench.models.backbones import ARCHS, Backbone, create_backbone, multicrop_forward
-from sslbench.models.heads import DINOHead, MLPHead
+from sslbench.models.heads import DINOHead, MLPHead, init_linears
 from sslbench.models.momentum import ema_copy, ema_update
 
 __version__ = "0.1.0"
@@ -46,6 +46,7 @@ __all__ = [
     "Backbone",
     "DINOHead",
     "MLPHead",
+    "init_linears",
     "create_backbone",
     "ema_copy",
     "ema_update",

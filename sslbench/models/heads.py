@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -21,12 +22,26 @@ def _in_fp32(layers: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         return layers(x.float())
 
 
-class MLPHead(nn.Module):
-    """Linear -> BatchNorm -> ReLU, repeated, then a final Linear (optionally batch-normalised).
+class ScaleOnlyBatchNorm(nn.Module):
+    """BatchNorm with a learnable scale and no shift: TensorFlow's ``BatchNormalization(center=False)``,
+    which SimCLR's reference puts after the projection head's last layer."""
 
-    BYOL's projector and predictor (Grill et al. 2020, Sec. 3.3: hidden 4096, output 256, BN) and
-    SimCLR's projection head g(.) (Chen et al. 2020, Sec. 2.1; the reference code also normalises the
-    output with BN and drops that layer's bias: ``last_bn``).
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x) * self.weight
+
+
+class MLPHead(nn.Module):
+    """Linear -> BatchNorm -> ReLU, repeated, then a final Linear without bias (optionally batch-normalised).
+
+    BYOL's projector and predictor (Grill et al. 2020, Sec. 3.3: hidden 4096, output 256, BN; reference
+    ``networks.MLP``: a bias on the hidden Linear, none on the output one). SimCLR's projection head g(.)
+    (Chen et al. 2020, Sec. 2.1) with ``last_bn``, as its reference ``projection_head``: no Linear has a
+    bias (a BatchNorm follows each), and the output's BatchNorm scales but does not shift.
     """
 
     def __init__(
@@ -36,16 +51,35 @@ class MLPHead(nn.Module):
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
-            layers += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Linear(dim, hidden_dim, bias=not last_bn),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+            ]
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+        layers.append(nn.Linear(dim, out_dim, bias=False))
         if last_bn:
-            layers.append(nn.BatchNorm1d(out_dim))
+            layers.append(ScaleOnlyBatchNorm(out_dim))
         self.mlp = nn.Sequential(*layers)
         self._last = 2 if last_bn else 1  # the final Linear (and its BatchNorm), run in fp32
 
     def forward(self, x: Tensor) -> Tensor:
         return _in_fp32(self.mlp[-self._last :], self.mlp[: -self._last](x))
+
+
+def init_linears(module: nn.Module, std: Callable[[int], float], truncated: bool) -> None:
+    """Every Linear under ``module``: weights N(0, std(fan_in)^2), cut at 2 std when ``truncated``, and
+    zero biases, for heads whose reference initialises them otherwise than PyTorch does (haiku's default
+    is truncated with std 1/sqrt(fan_in); SimCLR's dense layers use N(0, 0.01^2))."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            scale = std(layer.in_features)
+            if truncated:
+                nn.init.trunc_normal_(layer.weight, std=scale, a=-2 * scale, b=2 * scale)
+            else:
+                nn.init.normal_(layer.weight, std=scale)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class DINOHead(nn.Module):
