@@ -25,6 +25,7 @@ from sslbench import (
     Backbone,
     Method,
     MLPHead,
+    PaperRecipe,
     Step,
     StepOutput,
     TrainContext,
@@ -33,18 +34,40 @@ from sslbench import (
     ema_copy,
     init_linears,
     multicrop_forward,
+    nearest_epochs,
     register_method,
     two_views,
 )
 
-LARS_RECIPE = {
-    "optimizer": "lars",
-    "lr": 0.2,
-    "weight_decay": 1.5e-6,
-    "weight_decay_end": 1.5e-6,
-    "warmup_epochs": 10,
-    "clip_grad": 0.0,
+# --recipe paper: the reference's values by the length of the run (byol/configs/byol.py: _LR_PRESETS,
+# _WD_PRESETS, _EMA_PRESETS); LARS (eta 1e-3, momentum 0.9, biases and BN excluded), lr x B/256 with 10
+# warm-up epochs then a cosine to 0 (utils/schedules.py), EMA 1 - (1 - base) (cos + 1) / 2 up to 1.
+# (lr, weight decay, base EMA) per number of epochs:
+PUBLISHED_BY_EPOCHS = {
+    40: (0.45, 1e-6, 0.97),
+    100: (0.45, 1e-6, 0.99),
+    300: (0.3, 1e-6, 0.99),
+    1000: (0.2, 1.5e-6, 0.996),
 }
+
+
+def lars_recipe(epochs: int) -> PaperRecipe:
+    """The reference's ImageNet recipe for the published run length nearest to ``epochs``."""
+    length = nearest_epochs(epochs, PUBLISHED_BY_EPOCHS)
+    lr, weight_decay, ema = PUBLISHED_BY_EPOCHS[length]
+    train = {
+        "optimizer": "lars",
+        "lr": lr,
+        "min_lr": 0.0,
+        "warmup_epochs": 10,
+        "weight_decay": weight_decay,
+        "weight_decay_end": weight_decay,
+        "momentum": 0.9,
+        "clip_grad": 0.0,
+        "ema_momentum": ema,
+        "ema_momentum_end": 1.0,
+    }
+    return PaperRecipe(f"resnet, {length}-epoch values", "byol/configs/byol.py", train)
 
 
 @dataclass
@@ -58,7 +81,10 @@ class BYOLConfig:
 class BYOL(Method):
     paper = "Grill et al. 2020, arXiv 2006.07733"
     Config = BYOLConfig
-    paper_recipe = {"resnet": LARS_RECIPE}  # Sec. 3.3: LARS, lr 0.2 x B/256, wd 1.5e-6, 10 warm-up epochs
+
+    @classmethod
+    def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:
+        return lars_recipe(epochs) if family == "resnet" else None  # the paper trained ResNets only
 
     def __init__(self, backbone: Backbone, config: BYOLConfig, context: TrainContext) -> None:
         super().__init__(backbone, config, context)

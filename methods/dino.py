@@ -30,6 +30,7 @@ from sslbench import (
     DINOHead,
     Method,
     MLPHead,
+    PaperRecipe,
     SSLBenchError,
     Step,
     StepOutput,
@@ -48,6 +49,32 @@ from sslbench import (
 )
 
 LOSSES = {"cross_entropy": dino_loss, "mse": dino_mse_loss}
+
+# --recipe paper: the reference README's commands (facebookresearch/dino), every flag they leave out at
+# main_dino.py's default. Their scale (100 epochs, 8 GPUs x 64 images, 8 local crops) is the preset's.
+_REFERENCE_DEFAULTS = {
+    "min_lr": 1e-6,
+    "warmup_epochs": 10,
+    "momentum": 0.9,
+    "clip_grad": 3.0,
+    "ema_momentum": 0.996,
+    "ema_momentum_end": 1.0,
+}
+VIT_RECIPE = PaperRecipe(
+    "vit",
+    "the DINO README's ViT-S/16 command (main_dino.py's defaults)",
+    train={"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4}
+    | _REFERENCE_DEFAULTS,
+    options={"global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.05, 0.4)},
+)
+RESNET_RECIPE = PaperRecipe(
+    "resnet",
+    "the DINO README's ResNet-50 command: --optimizer sgd --lr 0.03 --weight_decay 1e-4 "
+    "--weight_decay_end 1e-4 --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14",
+    train={"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "weight_decay_end": 1e-4}
+    | _REFERENCE_DEFAULTS,
+    options={"global_crops_scale": (0.14, 1.0), "local_crops_scale": (0.05, 0.14)},
+)
 
 
 @dataclass
@@ -79,6 +106,10 @@ class DINOConfig:
 class DINO(Method):
     paper = "Caron et al. 2021, arXiv 2104.14294"
     Config = DINOConfig
+
+    @classmethod
+    def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe:
+        return RESNET_RECIPE if family == "resnet" else VIT_RECIPE
 
     def __init__(self, backbone: Backbone, config: DINOConfig, context: TrainContext) -> None:
         super().__init__(backbone, config, context)

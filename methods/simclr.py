@@ -25,6 +25,7 @@ from sslbench import (
     Backbone,
     Method,
     MLPHead,
+    PaperRecipe,
     Step,
     StepOutput,
     TrainContext,
@@ -36,23 +37,21 @@ from sslbench import (
     two_views,
 )
 
-# CIFAR-10 (reference code's CIFAR command): LARS, lr 1.0 x B/256, wd 1e-4, 10 warm-up epochs.
-LARS_CIFAR_RECIPE = {
-    "optimizer": "lars",
-    "lr": 1.0,
-    "weight_decay": 1e-4,
-    "weight_decay_end": 1e-4,
-    "warmup_epochs": 10,
-    "clip_grad": 0.0,
-}
-LARS_RECIPE = {
-    "optimizer": "lars",
-    "lr": 0.3,
-    "weight_decay": 1e-6,
-    "weight_decay_end": 1e-6,
-    "warmup_epochs": 10,
-    "clip_grad": 0.0,
-}
+# --recipe paper: LARS (momentum 0.9, biases and BN excluded), lr x B/256 (the reference's linear scaling)
+# with 10 warm-up epochs then a cosine to 0, no clipping; no EMA.
+_LARS = {"optimizer": "lars", "min_lr": 0.0, "warmup_epochs": 10, "momentum": 0.9, "clip_grad": 0.0}
+LARS_RECIPE = PaperRecipe(
+    "resnet",
+    "the paper's ImageNet recipe (Sec. B.1: lr 0.3 x B/256, weight decay 1e-6, temperature 0.1)",
+    train={"lr": 0.3, "weight_decay": 1e-6, "weight_decay_end": 1e-6} | _LARS,
+    options={"temperature": 0.1},
+)
+LARS_CIFAR_RECIPE = PaperRecipe(
+    "resnet, CIFAR",
+    "the reference README's CIFAR-10 command (--learning_rate 1.0 --weight_decay 1e-4 --temperature 0.5)",
+    train={"lr": 1.0, "weight_decay": 1e-4, "weight_decay_end": 1e-4} | _LARS,
+    options={"temperature": 0.5},
+)
 
 
 @dataclass
@@ -66,10 +65,12 @@ class SimCLRConfig:
 class SimCLR(Method):
     paper = "Chen et al. 2020, arXiv 2002.05709"
     Config = SimCLRConfig
-    paper_recipe = {
-        "resnet": LARS_RECIPE,
-        "resnet_small": LARS_CIFAR_RECIPE,
-    }  # Sec. B.1: LARS, lr 0.3 x B/256, wd 1e-6, 10 warm-up epochs
+
+    @classmethod
+    def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:
+        if family != "resnet":  # the paper trained ResNets only
+            return None
+        return LARS_CIFAR_RECIPE if image_size <= SMALL_IMAGE_MAX else LARS_RECIPE
 
     def __init__(self, backbone: Backbone, config: SimCLRConfig, context: TrainContext) -> None:
         super().__init__(backbone, config, context)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from sslbench import (
     Backbone,
     Method,
+    PaperRecipe,
     Step,
     StepOutput,
     TrainContext,
@@ -23,20 +24,31 @@ from sslbench import (
     two_views,
 )
 
-SGD_RECIPE = {
-    "optimizer": "sgd",
-    "lr": 0.1,
-    "weight_decay": 1e-4,
-    "weight_decay_end": 1e-4,
-    "warmup_epochs": 5,
-    "clip_grad": 0.0,
-}
+# --recipe paper: the standard ResNet recipe (Goyal et al. 2017: SGD momentum 0.9, lr 0.1 x B/256 with a
+# 5-epoch warm-up, weight decay 1e-4), on the cosine every pair shares, to 0.
+SGD_RECIPE = PaperRecipe(
+    "resnet",
+    "SGD, lr 0.1 x B/256, weight decay 1e-4, 5 warm-up epochs (Goyal et al. 2017)",
+    train={
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "min_lr": 0.0,
+        "warmup_epochs": 5,
+        "weight_decay": 1e-4,
+        "weight_decay_end": 1e-4,
+        "momentum": 0.9,
+        "clip_grad": 0.0,
+    },
+)
 
 
 @register_method("supervised")
 class Supervised(Method):
     paper = "supervised baseline (cross-entropy), as in Caron et al. 2021, Table 2"
-    paper_recipe = {"resnet": SGD_RECIPE}  # the standard ResNet recipe: SGD, lr 0.1 x B/256, wd 1e-4
+
+    @classmethod
+    def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:
+        return SGD_RECIPE if family == "resnet" else None
 
     def __init__(self, backbone: Backbone, config: object, context: TrainContext) -> None:
         super().__init__(backbone, config, context)

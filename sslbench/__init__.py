@@ -16,12 +16,14 @@ from sslbench.losses import byol_loss, dino_loss, dino_mse_loss, dino_pairs, nt_
 from sslbench.method import (
     Method,
     NoOptions,
+    PaperRecipe,
     Step,
     StepOutput,
     TrainContext,
     get_method,
     list_methods,
     load_plugin_file,
+    nearest_epochs,
     register_method,
 )
 from sslbench.models.backbones import ARCHS, Backbone, create_backbone, multicrop_forward
@@ -34,6 +36,8 @@ __all__ = [
     # the method interface and the registry
     "Method",
     "NoOptions",
+    "PaperRecipe",
+    "nearest_epochs",
     "Step",
     "StepOutput",
     "TrainContext",

@@ -39,24 +39,6 @@ def build(name: str, arch: str, epochs: int, ipe: int) -> Method:
 # --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_plan_pair_applies_paper_recipe_per_family(name):
-    method_cls = get_method(name)
-    for arch in ("resnet18", "vit_tiny16"):
-        family = "resnet" if arch.startswith("resnet") else "vit"
-        shared = plan_pair(method_cls, arch, RunConfig(recipe="shared"), CPU)
-        assert shared.recipe == "shared" and shared.train == RunConfig().train
-        paper = plan_pair(method_cls, arch, RunConfig(recipe="paper"), CPU)
-        overrides = method_cls.paper_recipe.get(family)
-        if overrides:
-            assert paper.recipe.startswith("paper")
-            for key, value in overrides.items():
-                assert getattr(paper.train, key) == value
-        else:
-            assert paper.recipe == "shared" and paper.train == RunConfig().train
-        assert isinstance(paper.method_options, method_cls.Config)
-
-
 def test_plan_pair_validates_method_options():
     config = RunConfig(method_options={"dino": {"out_dimm": 8}})
     with pytest.raises(SSLBenchError, match="did you mean 'dino.out_dim'"):
@@ -169,14 +151,3 @@ def test_metrics_before_a_failure_are_kept(tmp_path):
         train_loop(method, loader, _train_cfg(), "fp32", CPU, tmp_path, show_progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0]  # the finite step that came before the NaN
-
-
-def test_simclr_paper_recipe_follows_the_resolution():
-    config = RunConfig(recipe="paper")
-    small = plan_pair(get_method("simclr"), "resnet18", config, CPU, image_size=32)
-    large = plan_pair(get_method("simclr"), "resnet18", config, CPU, image_size=224)
-    assert (small.train.optimizer, small.train.lr, small.train.weight_decay) == ("lars", 1.0, 1e-4)
-    assert (large.train.optimizer, large.train.lr, large.train.weight_decay) == ("lars", 0.3, 1e-6)
-    assert small.recipe == "paper (simclr, resnet_small)" and large.recipe == "paper (simclr, resnet)"
-    vit = plan_pair(get_method("simclr"), "vit_tiny16", config, CPU, image_size=32)
-    assert vit.recipe == "shared"  # the papers trained ResNets only

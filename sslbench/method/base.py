@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from sslbench.data.augment import ViewRecipe
+from sslbench.method.recipes import PaperRecipe
 from sslbench.models.backbones import Backbone
 
 
@@ -74,8 +75,12 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     Config: ClassVar[type] = NoOptions
     trainable: ClassVar[bool] = True
-    # Training overrides applied only with ``--recipe paper``, per backbone family ("resnet", "vit").
-    paper_recipe: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:
+        """The published recipe ``--recipe paper`` gives this method on a ``family`` backbone ("resnet",
+        "vit") at ``image_size`` px for a run of ``epochs``; None: the run's shared schedule."""
+        return None
 
     def __init__(self, backbone: Backbone, config: Any, context: TrainContext) -> None:
         super().__init__()

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 from sslbench.base.atomic_io import atomic_path
 from sslbench.base.collectives import is_main, rank, world_size
 from sslbench.base.precision import precision_choice
-from sslbench.base.small_images import SMALL_IMAGE_MAX
 from sslbench.config import RunConfig, TrainConfig, build_dataclass, config_hash
 from sslbench.data.augment import blur_description, build_view_transform
 from sslbench.data.datasets import DatasetSplits, ImageSource, SubsetSource, subset_indices
@@ -82,21 +81,22 @@ def plan_pair(
 ) -> PairPlan:
     """Resolve the pair's schedule (the shared one, or the method's paper recipe) and its options.
 
-    A paper recipe may differ for small images (key ``"<family>_small"``, e.g. SimCLR's CIFAR recipe).
+    A paper recipe depends on the backbone family, the image size (SimCLR's CIFAR recipe) and the
+    epochs (BYOL's); it replaces its keys of the schedule and of the method's options, whatever set them.
+    ``image_size`` None: a large-image run.
     """
     family = arch_spec(arch).family
     train = config.train
     recipe = "shared"
+    options = dict(config.method_options.get(method_cls.name, {}))
     if config.recipe == "paper":
-        small = image_size is not None and image_size <= SMALL_IMAGE_MAX
-        key = f"{family}_small" if small and f"{family}_small" in method_cls.paper_recipe else family
-        overrides = method_cls.paper_recipe.get(key)
-        if overrides:
-            train = dataclasses.replace(train, **overrides)
-            recipe = f"paper ({method_cls.name}, {key})"
-    options = build_dataclass(
-        method_cls.Config, config.method_options.get(method_cls.name, {}), method_cls.name
-    )
+        size = image_size if image_size is not None else 224
+        published = method_cls.paper_recipe(family, size, train.epochs)
+        if published is not None:
+            train = dataclasses.replace(train, **published.train)
+            options |= published.options
+            recipe = f"paper ({method_cls.name}, {published.label}): {published.source}"
+    options = build_dataclass(method_cls.Config, options, method_cls.name)
     return PairPlan(method_cls, arch, train, recipe, options, device)
 
 
