@@ -270,7 +270,7 @@ def command_list(args: argparse.Namespace) -> int:
         print(f"  {name}")
     print("presets:")
     for name in PRESETS:
-        print(f"  {name:<12} {preset_text(name).splitlines()[0].lstrip('# ')}")
+        print(f"  {name:<15} {preset_text(name).splitlines()[0].lstrip('# ')}")
     return 0
 
 

@@ -235,7 +235,7 @@ def test_list_shows_methods_archs_datasets_presets() -> None:
         assert re.search(rf"^  {arch}\s+\S", body["archs"], re.M)
     assert "timm vit_tiny_patch16_224" in body["archs"]
     assert body["datasets"].split() == ["embedded", "cifar10", "imagefolder:PATH"]
-    for preset in ["quick", "cifar10", "imagenet"]:
+    for preset in ["quick", "cifar10", "imagenet", "imagenet-boost"]:
         assert re.search(rf"^  {preset}\s+{preset}: ", body["presets"], re.M)
 
 

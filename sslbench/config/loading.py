@@ -17,7 +17,7 @@ import yaml
 from sslbench.base.errors import SSLBenchError, unknown_name_message
 from sslbench.config.run_config import RunConfig, build_dataclass, check_values, unknown_key_message
 
-PRESETS = ("quick", "cifar10", "imagenet")
+PRESETS = ("quick", "cifar10", "imagenet", "imagenet-boost")
 
 
 class ConfigLoader(yaml.SafeLoader):
