@@ -83,7 +83,7 @@ class DINOConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
-    local_crops_number: int = 10  # the paper's 2x224 + 10x96 multi-crop
+    local_crops_number: int = 8  # main_dino.py's default (2x224 + 8x96); the paper's best ViT-S used 10
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     student_temp: float = 0.1

@@ -42,14 +42,14 @@ from sslbench import (
 _LARS = {"optimizer": "lars", "min_lr": 0.0, "warmup_epochs": 10, "momentum": 0.9, "clip_grad": 0.0}
 LARS_RECIPE = PaperRecipe(
     "resnet",
-    "the paper's ImageNet recipe (Sec. B.1: lr 0.3 x B/256, weight decay 1e-6, temperature 0.1)",
+    "the SimCLR (v1) code's defaults, the paper's Sec. B.1: lr 0.3 x B/256, weight decay 1e-6, temperature 0.1",
     train={"lr": 0.3, "weight_decay": 1e-6, "weight_decay_end": 1e-6} | _LARS,
     options={"temperature": 0.1},
 )
 LARS_CIFAR_RECIPE = PaperRecipe(
     "resnet, CIFAR",
-    "the reference README's CIFAR-10 command (--learning_rate 1.0 --weight_decay 1e-4 --temperature 0.5)",
-    train={"lr": 1.0, "weight_decay": 1e-4, "weight_decay_end": 1e-4} | _LARS,
+    "the SimCLR (v1) README's CIFAR-10 command: --learning_rate 1.0 --weight_decay 1e-6 --temperature 0.5",
+    train={"lr": 1.0, "weight_decay": 1e-6, "weight_decay_end": 1e-6} | _LARS,
     options={"temperature": 0.5},
 )
 
