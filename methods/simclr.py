@@ -42,7 +42,7 @@ from sslbench import (
 _LARS = {"optimizer": "lars", "min_lr": 0.0, "warmup_epochs": 10, "momentum": 0.9, "clip_grad": 0.0}
 LARS_RECIPE = PaperRecipe(
     "resnet",
-    "the SimCLR (v1) code's defaults, the paper's Sec. B.1: lr 0.3 x B/256, weight decay 1e-6, temperature 0.1",
+    "the SimCLR (v1) code's defaults (the paper's Sec. B.1): lr 0.3 x B/256, wd 1e-6, temperature 0.1",
     train={"lr": 0.3, "weight_decay": 1e-6, "weight_decay_end": 1e-6} | _LARS,
     options={"temperature": 0.1},
 )
