@@ -5,8 +5,9 @@ arXiv 2006.07733.
 
 - Online network: backbone ``f_theta``, projector ``g_theta`` (MLP 4096 -> 256 with BN, no bias on the
   output layer, haiku's truncated-normal init: reference ``networks.MLP``), predictor ``q_theta`` (same
-  shape). Target network: ``f_xi, g_xi``, an EMA of the online one,
-  ``xi <- tau xi + (1 - tau) theta`` with tau 0.996 -> 1 on a cosine (Eq. 1, Sec. 3.3).
+  shape). Target network: ``f_xi, g_xi``, initialised from its own draw (reference
+  ``byol_experiment.py``), then an EMA of the online one, ``xi <- tau xi + (1 - tau) theta`` with tau
+  0.996 -> 1 on a cosine (Eq. 1, Sec. 3.3).
 - Loss (Eq. 2): ``L = 2 - 2 <q(z), z'> / (||q(z)|| ||z'||)`` with the target's projection ``z'`` of
   the other view, symmetrised (``L + L~``) by swapping the views.
 - Views: the paper's asymmetric pair (blur p 1.0 / 0.1, solarise p 0 / 0.2).
@@ -26,11 +27,13 @@ from sslbench import (
     Method,
     MLPHead,
     PaperRecipe,
+    SSLBenchError,
     Step,
     StepOutput,
     TrainContext,
     ViewRecipe,
     byol_loss,
+    create_backbone,
     ema_copy,
     init_linears,
     multicrop_forward,
@@ -70,11 +73,23 @@ def lars_recipe(epochs: int) -> PaperRecipe:
     return PaperRecipe(f"resnet, {length}-epoch values", "byol/configs/byol.py", train)
 
 
+TARGET_INITS = ("independent", "copy")
+
+
 @dataclass
 class BYOLConfig:
     proj_hidden_dim: int = 4096
     proj_dim: int = 256
     pred_hidden_dim: int = 4096
+    # independent: the target drawn from its own seed, as the reference (byol_experiment.py's rng_target);
+    # copy: the target starts equal to the online network, as DINO's teacher
+    target_init: str = "independent"
+
+    def __post_init__(self) -> None:  # caught when the config is read, before anything trains
+        if self.target_init not in TARGET_INITS:
+            raise SSLBenchError(
+                f"byol.target_init must be one of {', '.join(TARGET_INITS)}, got '{self.target_init}'"
+            )
 
 
 @register_method("byol")
@@ -88,12 +103,20 @@ class BYOL(Method):
 
     def __init__(self, backbone: Backbone, config: BYOLConfig, context: TrainContext) -> None:
         super().__init__(backbone, config, context)
-        self.projector = MLPHead(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim)
+        self.projector = self._projector(backbone.feat_dim)
         self.predictor = MLPHead(config.proj_dim, config.pred_hidden_dim, config.proj_dim)
-        for head in (self.projector, self.predictor):  # haiku's Linear init, as the reference's
-            init_linears(head, std=lambda fan_in: fan_in**-0.5, truncated=True)
-        self.target_backbone = ema_copy(backbone)
-        self.target_projector = ema_copy(self.projector)
+        init_linears(self.predictor, std=lambda fan_in: fan_in**-0.5, truncated=True)  # haiku's init
+        if config.target_init == "copy":
+            self.target_backbone = ema_copy(backbone)
+            self.target_projector = ema_copy(self.projector)
+        else:  # a second draw of the same networks (the EMA then pulls it toward the online one)
+            self.target_backbone = ema_copy(create_backbone(backbone.arch, context.image_size))
+            self.target_projector = ema_copy(self._projector(backbone.feat_dim))
+
+    def _projector(self, feat_dim: int) -> MLPHead:
+        projector = MLPHead(feat_dim, self.config.proj_hidden_dim, self.config.proj_dim)
+        init_linears(projector, std=lambda fan_in: fan_in**-0.5, truncated=True)  # haiku's Linear init
+        return projector
 
     def view_recipe(self) -> ViewRecipe:
         return two_views(asymmetric=True)

@@ -129,12 +129,13 @@ class DINO(Method):
         self.teacher_backbone = ema_copy(backbone)
         self.teacher_head = ema_copy(self.head)
         self.register_buffer("center", torch.zeros(1, config.out_dim))
+        # One value per epoch, as the reference's teacher_temp_schedule[epoch]
         self.teacher_temps = linear_warmup_then_constant(
             config.warmup_teacher_temp,
             config.teacher_temp,
             config.warmup_teacher_temp_epochs,
             context.epochs,
-            context.iterations_per_epoch,
+            1,
         )
 
     def view_recipe(self) -> ViewRecipe:
@@ -147,7 +148,7 @@ class DINO(Method):
         with torch.no_grad():
             teacher_out = multicrop_forward(self.teacher_backbone, views[:2], self.teacher_head)
         student_out = multicrop_forward(self.backbone, views, lambda x: self.head(x, self.predictor))
-        teacher_temp = float(self.teacher_temps[min(step.iteration, len(self.teacher_temps) - 1)])
+        teacher_temp = float(self.teacher_temps[min(step.epoch, len(self.teacher_temps) - 1)])
         loss = LOSSES[self.config.loss](
             student_out, teacher_out, self.center, self.config.student_temp, teacher_temp
         )

@@ -32,8 +32,8 @@ def test_cosine_length_warmup_and_end():
     steps = np.diff(s[:warmup_iters])
     assert np.all(steps > 0)
     np.testing.assert_allclose(steps, steps[0], rtol=1e-12)  # linear
-    # The ramp continues into base: one more step of the same size lands exactly on it.
-    assert s[warmup_iters - 1] + steps[0] == pytest.approx(base)
+    # The ramp ends on base (np.linspace with its end point), then the cosine starts from base.
+    assert s[warmup_iters - 1] == pytest.approx(base)
     assert s[warmup_iters] == pytest.approx(base)
     assert s[-1] == pytest.approx(final, abs=0.01 * (base - final))
     assert s[-1] > final
@@ -56,27 +56,20 @@ def test_cosine_without_warmup_matches_dino_reference(epochs, ipe):
 
 
 @pytest.mark.parametrize(("epochs", "ipe", "warm"), [(10, 7, 2), (5, 4, 1), (3, 10, 3)])
-def test_cosine_with_warmup_matches_dino_reference_after_warmup(epochs, ipe, warm):
+def test_cosine_with_warmup_matches_dino_reference(epochs, ipe, warm):
     ours = cosine_schedule(0.3, 0.001, epochs, ipe, warmup_epochs=warm, start_warmup_value=0.05)
     ref = reference_cosine(0.3, 0.001, epochs, ipe, warmup_epochs=warm, start_warmup_value=0.05)
-    n = warm * ipe
-    assert ours.shape == ref.shape
-    np.testing.assert_allclose(ours[n:], ref[n:], rtol=0, atol=1e-15)
-    # Warm-up: the same linear ramp from the same start; this implementation stops one step short of
-    # base (np.linspace without end point), so base is not repeated on two consecutive iterations.
-    assert ours[0] == ref[0] == pytest.approx(0.05)
-    np.testing.assert_allclose(ours[:n], np.linspace(0.05, 0.3, n, endpoint=False), atol=1e-15)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-15)  # warm-up included
 
 
 def test_cosine_fractional_and_overlong_warmup():
     s = cosine_schedule(1.0, 0.0, 2, 10, warmup_epochs=0.5)
     assert len(s) == 20
-    np.testing.assert_allclose(s[:5], np.linspace(0.0, 1.0, 5, endpoint=False))
+    np.testing.assert_allclose(s[:5], np.linspace(0.0, 1.0, 5))
     assert s[5] == pytest.approx(1.0)
-    # A warm-up longer than training is cut at the end of training.
+    # A warm-up longer than training follows its own ramp, cut at the end of training.
     s = cosine_schedule(1.0, 0.0, 1, 4, warmup_epochs=5)
-    assert len(s) == 4
-    assert np.all(np.diff(s) > 0) and s[-1] < 1.0
+    np.testing.assert_allclose(s, np.linspace(0.0, 1.0, 20)[:4], atol=1e-15)
 
 
 def test_linear_warmup_then_constant():
@@ -91,6 +84,5 @@ def test_linear_warmup_then_constant():
 
 def test_linear_warmup_then_constant_edges():
     np.testing.assert_array_equal(linear_warmup_then_constant(0.04, 0.07, 0, 3, 2), np.full(6, 0.07))
-    s = linear_warmup_then_constant(0.04, 0.07, 10, 2, 3)  # longer warm-up than training
-    assert len(s) == 6
-    assert s[0] == pytest.approx(0.04) and s[-1] == pytest.approx(0.07)
+    s = linear_warmup_then_constant(0.04, 0.07, 10, 2, 3)  # longer warm-up than training: cut
+    np.testing.assert_allclose(s, np.linspace(0.04, 0.07, 30)[:6], atol=1e-15)

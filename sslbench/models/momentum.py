@@ -14,7 +14,7 @@ from torch import nn
 
 
 def ema_copy(module: nn.Module) -> nn.Module:
-    """A frozen copy that starts equal to ``module`` (DINO and BYOL both initialise the teacher so).
+    """A frozen copy that starts equal to ``module`` (DINO's teacher starts so; BYOL copies a second draw).
 
     The copy has no stochastic depth: the DINO reference builds its teacher without drop-path.
     """
