@@ -31,6 +31,7 @@ from sslbench import (
     Method,
     MLPHead,
     PaperRecipe,
+    ParameterRule,
     SSLBenchError,
     Step,
     StepOutput,
@@ -175,7 +176,5 @@ class DINO(Method):
     def eval_backbone(self) -> Backbone:
         return self.teacher_backbone
 
-    def after_backward(self, step: Step) -> None:
-        if step.epoch < self.config.freeze_last_layer_epochs:
-            for param in self.head.last_layer.parameters():
-                param.grad = None
+    def parameter_rules(self) -> list[ParameterRule]:
+        return [ParameterRule(self.head.last_layer, frozen_epochs=self.config.freeze_last_layer_epochs)]

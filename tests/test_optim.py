@@ -129,3 +129,15 @@ def test_clip_per_parameter_zero_grad_stays_zero():
     p.grad = torch.zeros(3)
     clip_per_parameter([p], max_norm=1.0)
     assert torch.equal(p.grad, torch.zeros(3))
+
+
+def test_parameter_rules_without_decay_and_frozen_epochs():
+    from sslbench.method.base import ParameterRule, Step
+
+    prototypes, other = nn.Linear(4, 8, bias=False), nn.Linear(4, 4)
+    groups = parameter_groups([nn.Sequential(other, prototypes)], [prototypes])
+    assert _ids(groups[0]["params"]) == {id(other.weight)}
+    assert _ids(groups[1]["params"]) == {id(other.bias), id(prototypes.weight)}
+    rule = ParameterRule(prototypes, frozen_epochs=1.5)
+    frozen = [rule.frozen_at(Step(i, i // 4, 4, 12)) for i in range(8)]
+    assert frozen == [True] * 6 + [False] * 2  # 1.5 epochs of 4 iterations

@@ -101,6 +101,34 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     return torch.cat(dist_fn.all_gather(tensor))
 
 
+def gather_without_grad(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0, in rank order, detached: what enters a queue of
+    past keys (MoCo's ``concat_all_gather``) or is only read (SwAV's and DINOv2's Sinkhorn inputs)."""
+    if not is_distributed():
+        return tensor.detach()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum over ranks of a tensor every rank holds, without gradient (a Sinkhorn normaliser, counts)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def all_reduce_sum_with_grad(tensor: Tensor) -> Tensor:
+    """The sum over ranks, differentiable: the backward pass sums the upstream gradients over ranks, so
+    a loss every rank computes alike from the global sum (Barlow Twins' cross-correlation) gives, once
+    DDP averages the ranks' gradients, the gradient of one process on the whole batch."""
+    if not is_distributed():
+        return tensor
+    return dist_fn.all_reduce(tensor)
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on the main rank and give its result, or its error, to every rank.
 

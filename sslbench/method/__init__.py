@@ -2,7 +2,7 @@
 (``base``), the registry that finds methods by name (``registry``), and the published recipes
 ``--recipe paper`` applies (``recipes``)."""
 
-from sslbench.method.base import Method, NoOptions, Step, StepOutput, TrainContext
+from sslbench.method.base import Method, NoOptions, ParameterRule, Step, StepOutput, TrainContext
 from sslbench.method.recipes import PaperRecipe, nearest_epochs
 from sslbench.method.registry import get_method, list_methods, load_plugin_file, register_method
 
@@ -10,6 +10,7 @@ __all__ = [
     "Method",
     "NoOptions",
     "PaperRecipe",
+    "ParameterRule",
     "Step",
     "StepOutput",
     "TrainContext",

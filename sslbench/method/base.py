@@ -63,18 +63,40 @@ class NoOptions:
     """Config of a method without hyper-parameters of its own."""
 
 
+@dataclass(frozen=True)
+class ParameterRule:
+    """How the runner treats the parameters of ``module`` (a method never builds its own optimizer).
+
+    ``frozen_epochs``: no update during the first epochs, the gradients dropped after clipping (DINO's
+    last layer in epoch 1, SwAV's prototypes); ``weight_decay=False``: no weight decay and, under LARS,
+    no adaptation, as the references do for biases and norms. A parameter that never trains is simply
+    ``requires_grad=False`` (MoCo v3's frozen patch projection).
+    """
+
+    module: nn.Module
+    frozen_epochs: float = 0.0
+    weight_decay: bool = True
+
+    def frozen_at(self, step: Step) -> bool:
+        return step.iteration < round(self.frozen_epochs * step.iterations_per_epoch)
+
+
 class Method(nn.Module):
     """Base class of every method; subclass it and decorate with ``@register_method("name")``.
 
     Override ``view_recipe`` and ``training_step``; optionally ``momentum_pairs`` (declared EMA
-    teachers, updated by the runner), ``eval_backbone`` (the network the evaluators read) and
-    ``after_backward``.
+    teachers, updated by the runner), ``eval_backbone`` (the network the evaluators read),
+    ``parameter_rules`` (parameters frozen for a while, or without weight decay) and ``after_backward``.
+    State that is not a parameter (a queue of keys, its position) is a registered buffer: checkpoints
+    save and restore it with the weights.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Config: ClassVar[type] = NoOptions
     trainable: ClassVar[bool] = True
+    # The backbone families ("resnet", "vit") the method trains; another gets one clear line, not a run.
+    families: ClassVar[tuple[str, ...]] = ("resnet", "vit")
 
     @classmethod
     def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:
@@ -111,8 +133,12 @@ class Method(nn.Module):
                 return ema
         return None
 
+    def parameter_rules(self) -> list[ParameterRule]:
+        """Rules the runner applies to some of the method's parameters; none by default."""
+        return []
+
     def after_backward(self, step: Step) -> None:
-        """Hook between backward and the optimizer step (DINO freezes its last layer here)."""
+        """Hook between backward (and clipping) and the optimizer step."""
 
     @property
     def feature_source(self) -> str:

@@ -50,7 +50,9 @@ def train_loop(
     """
     ipe, epochs = len(loader), train_cfg.epochs
     schedules = Schedules.for_run(train_cfg, ipe)
-    optimizer = build_optimizer(train_cfg.optimizer, parameter_groups([method]), train_cfg.momentum, device)
+    without_decay = [rule.module for rule in method.parameter_rules() if not rule.weight_decay]
+    groups = parameter_groups([method], without_decay)
+    optimizer = build_optimizer(train_cfg.optimizer, groups, train_cfg.momentum, device)
     autocast = autocast_for(precision, device)
     make_views = make_views or device_views(device, memory_format_for(device, method.backbone.family))
     checkpoints = checkpointing or Checkpointing.disabled(pair_dir)

@@ -14,14 +14,16 @@ from torch import nn
 from sslbench.config import OPTIMIZERS
 
 
-def parameter_groups(modules: Iterable[nn.Module]) -> list[dict]:
-    """Split trainable parameters into a regularised group and one without weight decay."""
+def parameter_groups(modules: Iterable[nn.Module], without_decay: Iterable[nn.Module] = ()) -> list[dict]:
+    """Split trainable parameters into a regularised group and one without weight decay: biases and
+    norms, and every parameter of the ``without_decay`` modules (a method's ``ParameterRule``)."""
+    excluded = {id(param) for module in without_decay for param in module.parameters()}
     decay, no_decay = [], []
     for module in modules:
         for param in module.parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 else decay).append(param)
+            (no_decay if param.ndim <= 1 or id(param) in excluded else decay).append(param)
     return [
         {"params": decay, "regularized": True},
         {"params": no_decay, "regularized": False, "weight_decay": 0.0, "lars_exclude": True},

@@ -106,6 +106,15 @@ def clip_per_parameter(params: Sequence[nn.Parameter], max_norm: float) -> None:
     torch._foreach_mul_(grads, list(factors.unbind()))
 
 
+def drop_frozen_gradients(method: Method, step: Step) -> None:
+    """The method's ``ParameterRule``s with ``frozen_epochs``: no gradient, so no update, while frozen.
+    Applied after clipping, as DINO's ``cancel_gradients_last_layer``."""
+    for rule in method.parameter_rules():
+        if rule.frozen_at(step):
+            for param in rule.module.parameters():
+                param.grad = None
+
+
 def optimization_step(
     method: Method,
     optimizer: torch.optim.Optimizer,
@@ -117,7 +126,8 @@ def optimization_step(
     autocast: contextlib.AbstractContextManager,
     model: nn.Module | None = None,
 ) -> tuple[Tensor, StepOutput]:
-    """Forward, loss, backward, clipping, the method's hook, optimizer step, EMA: the same for every method.
+    """Forward, loss, backward, clipping, the method's parameter rules and hook, optimizer step, EMA: the
+    same for every method.
 
     ``model`` is what runs the forward: the method itself, or its DistributedDataParallel wrapper.
     Returns the detached loss (a device tensor: reading it is left to the caller) and the output.
@@ -127,6 +137,7 @@ def optimization_step(
     output.loss.backward()
     if clip_grad > 0:
         clip_per_parameter([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
+    drop_frozen_gradients(method, step)
     method.after_backward(step)
     optimizer.step()
     # Gradients are freed here, not before the next backward: the next forward's activations then
