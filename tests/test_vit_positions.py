@@ -107,3 +107,29 @@ def test_vits_have_timms_modules_and_the_reference_class_token_init(arch):
     assert ours.embed_dim == VIT_SHAPES[ARCHS[arch].timm_name][0]
     std = ours.cls_token.std().item()
     assert 0.015 < std < 0.025  # trunc-normal 0.02 (DINO), not timm's normal 1e-6
+
+
+def test_forward_tokens_matches_the_forward_and_applies_masks_and_keep():
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_tiny16", 32).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cls, patches = backbone.forward_tokens(images)
+        torch.testing.assert_close(cls, backbone(images), rtol=0, atol=1e-5)
+        assert patches.shape == (2, 64, backbone.feat_dim) and backbone.grid(32) == (8, 8)
+        # Masking every patch with the token: the result cannot depend on the image any more
+        token = torch.randn(backbone.feat_dim)
+        everything = torch.ones(2, 64, dtype=torch.bool)
+        masked_cls, _ = backbone.forward_tokens(images, mask=everything, mask_token=token)
+        torch.testing.assert_close(masked_cls[0], masked_cls[1], rtol=0, atol=1e-5)
+        none = torch.zeros(2, 64, dtype=torch.bool)
+        torch.testing.assert_close(backbone.forward_tokens(images, none, token)[0], cls, rtol=0, atol=1e-6)
+        # Keeping all patches in order is the full forward; keeping some gives that many tokens
+        order = torch.arange(64).expand(2, -1)
+        torch.testing.assert_close(backbone.forward_tokens(images, keep=order)[0], cls, rtol=0, atol=1e-5)
+        assert backbone.forward_tokens(images, keep=order[:, :16])[1].shape == (2, 16, backbone.feat_dim)
+    resnet = create_backbone("resnet18", 32).eval()
+    with torch.no_grad():
+        pooled, grid_tokens = resnet.forward_tokens(images)
+    torch.testing.assert_close(pooled, resnet(images), rtol=0, atol=1e-5)
+    assert grid_tokens.shape == (2, 16, 512)

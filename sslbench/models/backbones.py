@@ -71,6 +71,30 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
+    def forward_tokens(
+        self,
+        images: Tensor,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+        keep: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(pooled, patches)``: for a ViT the class token and the patch tokens (B, N, C) after the final
+        norm, optionally with masked patches replaced by ``mask_token`` (iBOT) or only the ``keep``
+        patches (MAE); for a ResNet the pooled feature and the last feature map as (B, H*W, C) tokens."""
+        if self.family == "vit":
+            return self.model.forward_tokens(images, mask=mask, mask_token=mask_token, keep=keep)
+        if mask is not None or keep is not None:
+            raise SSLBenchError(f"{self.arch} has no patch tokens to mask: masking needs a ViT")
+        feature_map = self.model.forward_features(images)
+        return self.model.forward_head(feature_map), feature_map.flatten(2).transpose(1, 2)
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        """The patch grid of a square ``image_size`` crop (padded to whole patches), for masks."""
+        if self.patch_size is None:
+            raise SSLBenchError(f"{self.arch} has no patch grid: masking needs a ViT")
+        side = -(-image_size // self.patch_size)
+        return side, side
+
     def forward_eval(self, images: Tensor) -> dict[str, Tensor]:
         """``knn``: the pooled feature; ``linear``: DINO's linear-protocol feature (one pass for both)."""
         if self.family != "vit":

@@ -72,6 +72,34 @@ class DINOPositionViT(VisionTransformer):
         return self.pos_drop(tokens + positions)
 
 
+    def forward_tokens(
+        self,
+        images: Tensor,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+        keep: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The class token and the patch tokens after the final norm, for methods that use patches.
+
+        ``mask`` (B, N) bool with ``mask_token`` (C,): masked patch embeddings are replaced by the token
+        before the positions are added (iBOT's ``masked_embed``). ``keep`` (B, K) patch indices: only
+        those patches (with their positions) enter the blocks (MAE's encoder on the visible patches).
+        """
+        x = self.patch_embed(images)  # (B, H, W, C): dynamic_img_size
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("a mask needs the mask_token that replaces the masked patches")
+            grid_mask = mask.reshape(x.shape[:3]).unsqueeze(-1)
+            x = torch.where(grid_mask, mask_token.to(x.dtype), x)
+        x = self._pos_embed(x)
+        if keep is not None:
+            patches = torch.gather(x[:, 1:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
+        x = self.norm_pre(self.patch_drop(x))
+        x = self.norm(self.blocks(x))
+        return x[:, 0], x[:, 1:]
+
+
 def create_vit(timm_name: str, **kwargs) -> DINOPositionViT:
     """The registered timm ViT ``timm_name`` (same modules and parameter names) as a ``DINOPositionViT``."""
     embed_dim, depth, num_heads = VIT_SHAPES[timm_name]
