@@ -35,7 +35,7 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
     """The options ``run`` and ``ablate`` share: what to train on, and any config key."""
     if with_methods:
         command.add_argument(
-            "--methods", type=_csv, help="comma-separated, e.g. dino,byol (default: the preset's)"
+            "--methods", type=_csv, help="comma-separated, e.g. dino,byol, or all (default: the preset's)"
         )
     command.add_argument("--arch", dest="archs", type=_csv, help="comma-separated, e.g. resnet50,vit_s16")
     command.add_argument("--dataset", help="embedded (default, offline), cifar10, or imagefolder:PATH")

@@ -394,3 +394,9 @@ def test_config_hash_is_stable_and_sensitive() -> None:
     ]
     digests = {config_hash(p) for p in changed}
     assert digest not in digests and len(digests) == len(changed)
+
+
+def test_methods_all_is_every_registered_method() -> None:
+    names = list(list_methods())
+    assert resolve_config([{"methods": ["all"]}], names).methods == names
+    assert resolve_config([{"methods": ["dino", "byol"]}], names).methods == ["dino", "byol"]

@@ -132,3 +132,52 @@ def test_the_resume_command_under_torchrun_relaunches_torchrun(monkeypatch: pyte
     assert prefix == ["torchrun", "--nproc_per_node=8", "-m", "sslbench"]
     command = resume_command(["run", "--methods", "dino"], Path("results/x"), prefix)
     assert command == "torchrun --nproc_per_node=8 -m sslbench run --methods dino --out results/x --resume"
+
+
+# --- pairs a method does not train ------------------------------------------------------------------------
+
+VIT_ONLY_PLUGIN = """
+from sslbench import Method, register_method
+
+
+@register_method("vit_only_random")
+class VitOnlyRandom(Method):
+    trainable = False
+    families = ("vit",)
+"""
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_pair_a_method_does_not_train_is_in_the_table_as_such(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plugin = tmp_path / "vit_only.py"
+    plugin.write_text(VIT_ONLY_PLUGIN, encoding="utf-8")
+    out = tmp_path / "out"
+    args = [a for a in PROGRESS if a not in ("random", "resnet18")]
+    methods = [
+        "--plugin",
+        str(plugin),
+        "--methods",
+        "vit_only_random,random",
+        "--arch",
+        "resnet18,vit_tiny16",
+    ]
+    code, stderr = _run(
+        capsys, *[a for a in args if a not in ("--methods", "--arch")], *methods, "--out", str(out)
+    )
+    assert code == 0 and "Traceback" not in stderr
+    skipped = "vit_only_random-resnet18: not applicable: vit_only_random trains ViTs only, not resnet18"
+    assert f"sslbench: [1/4] {skipped}" in stderr
+    table = (out / "table.md").read_text(encoding="utf-8")
+    row = next(line for line in table.splitlines() if line.startswith("| vit_only_random"))
+    assert row.count("n/a") == 2 and "failed" not in row
+    # Nothing of the run applies: one line, before any folder is made
+    only = [a for a in args if a not in ("--methods", "--arch")]  # the plugin stays registered
+    code, stderr = _run(
+        capsys, *only, "--methods", "vit_only_random", "--arch", "resnet18", "--out", str(tmp_path / "o2")
+    )
+    assert code == 2 and stderr.strip() == (
+        "sslbench: error: no pair of this run applies: vit_only_random trains ViTs only, not resnet18"
+    )
+    assert not (tmp_path / "o2").exists()

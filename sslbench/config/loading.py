@@ -112,7 +112,8 @@ def parse_set(assignment: str) -> dict[str, Any]:
 
 
 def resolve_config(layers: list[dict[str, Any]], method_names: list[str]) -> RunConfig:
-    """Merge the layers in order, move method sections aside, validate everything but method options."""
+    """Merge the layers in order, move method sections aside, validate everything but method options.
+    ``methods: [all]`` (``--methods all``) stands for every registered method."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = merge(merged, layer)
@@ -127,5 +128,7 @@ def resolve_config(layers: list[dict[str, Any]], method_names: list[str]) -> Run
         if not isinstance(options, dict):
             raise SSLBenchError(f"config section '{name}' (options of method {name}) must be a mapping")
     config.method_options = method_options
+    if config.methods == ["all"]:  # every registered method, in the registry's order
+        config.methods = list(method_names)
     check_values(config)
     return config

@@ -26,6 +26,7 @@ from sslbench.base.errors import SSLBenchError
 DEFAULT_KNN_K = 20
 MISSING = "–"
 FAILED = "failed"
+NOT_APPLICABLE = "not applicable"  # a method that does not train the arch's family (the reason is kept)
 METRICS = ["linear", "k-NN"]
 BASE_COLUMNS = [
     "run", "method", "variant", "arch", "status", "error", "method_source", "collapsed", "collapse_reasons",
@@ -196,6 +197,8 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
         label = labels[row["arch"]]
         if _failed(row):
             cells = [FAILED, FAILED]
+        elif str(row.get("status")).lower() == NOT_APPLICABLE:
+            cells = ["n/a", "n/a"]
         else:
             cells = [_cell(_num(row.get("linear_top1"))), _cell(headline_knn(row))]
             if _collapsed(row):

@@ -153,9 +153,9 @@ class RunProgress:
         self.total, self.show = total, show
         self.position, self.durations = 0, []
 
-    def skip(self, name: str) -> None:
+    def skip(self, name: str, why: str = "finished before, kept") -> None:
         self.position += 1
-        self._say(f"[{self.position}/{self.total}] {name}: finished before, kept")
+        self._say(f"[{self.position}/{self.total}] {name}: {why}")
 
     def start(self, name: str) -> None:
         self.position += 1
@@ -173,6 +173,19 @@ class RunProgress:
     def _say(self, line: str) -> None:
         if self.show:
             tqdm.write(f"sslbench: {line}", file=sys.stderr)
+
+
+NOT_APPLICABLE = "not applicable"
+FAMILY_NAMES = {"resnet": "ResNets", "vit": "ViTs"}
+
+
+def not_applicable(plan: PairPlan) -> str | None:
+    """Why the pair's method cannot train its arch (a ViT-only method on a ResNet), or None."""
+    family, families = arch_spec(plan.arch).family, plan.method_cls.families
+    if family in families:
+        return None
+    trains = " and ".join(FAMILY_NAMES.get(f, f) for f in families)
+    return f"{plan.method_cls.name} trains {trains} only, not {plan.arch}"
 
 
 def finished_record(pair_dir: Path) -> dict | None:
@@ -251,8 +264,12 @@ def run_benchmark(
         for arch in config.archs
     ]
 
+    reasons = [not_applicable(plan) for plan, _ in plans]
+    if all(reasons):  # nothing to train: one line per pair, before any folder is made
+        raise SSLBenchError("no pair of this run applies: " + "; ".join(dict.fromkeys(reasons)))
     for plan, plan_config in plans:  # a batch that cannot be filled is bad input, refused before training
-        check_batch_fits(plan, plan_config, data)
+        if not_applicable(plan) is None:
+            check_batch_fits(plan, plan_config, data)
     lock: RunLock | None = None
 
     def claim() -> Path:
@@ -295,9 +312,22 @@ def _run_pairs(
         signum = agreed_stop()  # asked while a pair failed, or between pairs: stop before the next one
         if signum:
             raise RunInterrupted(f"stopped before {plan.folder_name}", signum=signum)
-        progress.start(plan.folder_name)
         record = {"method": name, "arch": plan.arch, "variant": plan.variant}
         record["method_source"] = sources.get(name, "unknown")
+        reason = not_applicable(plan)
+        if reason is not None:  # in the table as such, with the reason; nothing trains
+            progress.skip(plan.folder_name, f"{NOT_APPLICABLE}: {reason}")
+            if is_main():
+                record |= {
+                    "status": NOT_APPLICABLE,
+                    "error": reason,
+                    "knn": None,
+                    "linear": None,
+                    "train": None,
+                }
+                write_json_atomic(pair_dir / "eval.json", record | {"protocol": {"recipe": plan.recipe}})
+            continue
+        progress.start(plan.folder_name)
         started = time.perf_counter()
         try:
             evaluated = train_and_evaluate(plan, plan_config, data, pair_dir, show_progress, resume)
