@@ -106,11 +106,42 @@ def test_recipe_constructors_and_validation() -> None:
     assert recipe.global_scale == (0.4, 1.0) and recipe.local_scale == (0.05, 0.4)
     assert two_views().global_scale == (0.08, 1.0)
     with pytest.raises(ValueError):
-        ViewRecipe("symmetric", num_local_crops=2)
+        ViewRecipe("asymmetric", num_local_crops=2)
+    with pytest.raises(ValueError):
+        ViewRecipe("crop_flip", num_local_crops=2)
     with pytest.raises(ValueError):
         multi_crop(-1)
     with pytest.raises(ValueError):
         multi_crop(2, global_scale=(0.0, 1.0))
+
+
+def test_symmetric_local_crops_colour_strength_and_crop_flip() -> None:
+    """SwAV's multi-crop (SimCLR's distortion on every crop), MoCo v2's strength 0.5, MAE's one view."""
+    swav = build_view_transform(ViewRecipe("symmetric", 6, (0.14, 1.0), (0.05, 0.14)), 224, MEAN, STD)
+    assert _shapes(swav(_noise_image(300, 200))) == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+    jitter = next(step for step in _flatten_steps(swav.local_view) if isinstance(step, T.ColorJitter))
+    assert jitter.brightness == pytest.approx((0.2, 1.8)) and jitter.hue == pytest.approx(
+        (-0.2, 0.2)
+    )  # s = 1
+    moco = build_view_transform(
+        ViewRecipe("symmetric", global_scale=(0.2, 1.0), color_strength=0.5), 224, MEAN, STD
+    )
+    jitter = next(step for step in _flatten_steps(moco.global_views[0]) if isinstance(step, T.ColorJitter))
+    assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.saturation == pytest.approx((0.6, 1.4))
+    assert jitter.hue == pytest.approx((-0.1, 0.1))
+    mae = build_view_transform(ViewRecipe("crop_flip", global_scale=(0.2, 1.0)), 32, MEAN, STD)
+    assert _shapes(mae(_noise_image(32, 32))) == [(3, 32, 32)]
+    steps = _flatten_steps(mae.global_views[0])
+    assert not any(isinstance(step, T.ColorJitter | T.RandomGrayscale) for step in steps)
+    assert ViewRecipe("crop_flip").num_views == 1 and ViewRecipe("crop_flip").describe(32) == "1x32"
+
+
+def _flatten_steps(pipeline) -> list:
+    steps = []
+    for step in getattr(pipeline, "transforms", [pipeline]):
+        steps += _flatten_steps(step) if hasattr(step, "transforms") else [step]
+        steps += _flatten_steps(step.transforms[0]) if isinstance(step, T.RandomApply) else []
+    return steps
 
 
 def test_multicrop_shapes_at_32_px() -> None:

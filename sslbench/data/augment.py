@@ -34,36 +34,49 @@ BLUR_MIN_CROP = 96
 _BICUBIC = InterpolationMode.BICUBIC
 
 
+KINDS = ("symmetric", "asymmetric", "multicrop", "crop_flip")
+
+
 @dataclass(frozen=True)
 class ViewRecipe:
-    """Which views a method needs. kind: 'symmetric' (SimCLR), 'asymmetric' (BYOL), 'multicrop' (DINO)."""
+    """Which views a method needs.
 
-    kind: Literal["symmetric", "asymmetric", "multicrop"]
+    kind: 'symmetric' (SimCLR's colour distortion on every view alike; MoCo v2 with ``color_strength``
+    0.5 and SwAV with local crops), 'asymmetric' (BYOL's pair), 'multicrop' (DINO: BYOL's photometric
+    block, asymmetric global crops, plus local crops), 'crop_flip' (MAE: one view, crop and flip only).
+    """
+
+    kind: Literal["symmetric", "asymmetric", "multicrop", "crop_flip"]
     num_local_crops: int = 0
     global_scale: tuple[float, float] = (0.08, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    color_strength: float | None = None  # symmetric: SimCLR's s (None: 1.0, and 0.5 at <= 64 px)
 
     def __post_init__(self) -> None:
         # Fail at construction, not deep inside a data-loader worker.
-        if self.kind not in ("symmetric", "asymmetric", "multicrop"):
+        if self.kind not in KINDS:
             raise ValueError(f"unknown view recipe kind {self.kind!r}")
         if self.num_local_crops < 0:
             raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
-        if self.num_local_crops and self.kind != "multicrop":
-            raise ValueError(f"local crops need kind='multicrop', got kind={self.kind!r}")
+        if self.num_local_crops and self.kind not in ("multicrop", "symmetric"):
+            raise ValueError(f"local crops need kind='multicrop' or 'symmetric', got kind={self.kind!r}")
         for name, (low, high) in (("global_scale", self.global_scale), ("local_scale", self.local_scale)):
             if not 0.0 < low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
 
     @property
     def num_views(self) -> int:
-        """Views per image: two global views plus the local crops."""
-        return 2 + self.num_local_crops
+        """Views per image: the global views (one for 'crop_flip', else two) plus the local crops."""
+        return self.num_global_views + self.num_local_crops
+
+    @property
+    def num_global_views(self) -> int:
+        return 1 if self.kind == "crop_flip" else 2
 
     def describe(self, image_size: int) -> str:
         """Crop sizes as recorded in result tables, e.g. ``2x32`` or ``2x32 + 6x16``."""
         global_size, local_size = crop_sizes(image_size)
-        text = f"2x{global_size}"
+        text = f"{self.num_global_views}x{global_size}"
         if self.num_local_crops:
             text += f" + {self.num_local_crops}x{local_size}"
         return text
@@ -295,7 +308,9 @@ def build_view_transform(
 
     - symmetric, SimCLR (Chen et al. 2020, arXiv 2002.05709, Appendix A): crop, flip,
       ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8, grayscale p=0.2, blur p=0.5; at <= 64 px the
-      paper's CIFAR recipe: strength s=0.5 (s=1.0 otherwise). Both views alike.
+      paper's CIFAR recipe: strength s=0.5 (s=1.0 otherwise), or ``color_strength``. Both views alike,
+      and so are local crops if any (SwAV, Caron et al. 2020, arXiv 2006.09882: blur p=0.5 on all).
+    - crop_flip, MAE (He et al. 2022, arXiv 2111.06377): one view, random resized crop and flip.
     - asymmetric, BYOL (Grill et al. 2020, arXiv 2006.07733, Table 6): crop, flip,
       ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 0 blur p=1.0, solarize p=0;
       view 1 blur p=0.1, solarize p=0.2.
@@ -314,11 +329,17 @@ def build_view_transform(
     def view(size: int, scale: tuple[float, float], photometric: T.Compose, blur_p: float, sol_p: float):
         return _view_pipeline(size, scale, photometric, blur_p, sol_p, mean, std)
 
+    if recipe.kind == "crop_flip":
+        flip = T.Compose([T.RandomHorizontalFlip(p=0.5)])
+        return MultiViewTransform([view(global_size, recipe.global_scale, flip, 0.0, 0.0)])
     if recipe.kind == "symmetric":
-        s = 0.5 if small else 1.0
+        s = recipe.color_strength if recipe.color_strength is not None else (0.5 if small else 1.0)
         photometric = flip_and_color_jitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         pipeline = view(global_size, recipe.global_scale, photometric, 0.5, 0.0)
-        return MultiViewTransform([pipeline, pipeline])
+        local = (
+            view(local_size, recipe.local_scale, photometric, 0.5, 0.0) if recipe.num_local_crops else None
+        )
+        return MultiViewTransform([pipeline, pipeline], local, recipe.num_local_crops)
 
     photometric = flip_and_color_jitter(0.4, 0.4, 0.2, 0.1)
     globals_ = [
