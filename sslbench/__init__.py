@@ -11,8 +11,29 @@ from sslbench.base.errors import SSLBenchError
 from sslbench.base.schedules import cosine_schedule, linear_warmup_then_constant
 from sslbench.base.small_images import SMALL_IMAGE_MAX
 from sslbench.data.augment import ViewRecipe, multi_crop, two_views
+from sslbench.data.masking import block_mask, ibot_masks, random_keep
 from sslbench.evaluation.diagnostics import entropy
-from sslbench.losses import byol_loss, dino_loss, dino_mse_loss, dino_pairs, nt_xent_loss, updated_center
+from sslbench.losses import (
+    barlow_twins_loss,
+    byol_loss,
+    codes_with_queue,
+    dino_loss,
+    dino_mse_loss,
+    dino_pairs,
+    enqueue,
+    ibot_patch_loss,
+    info_nce_with_queue,
+    koleo_loss,
+    mae_loss,
+    moco_v3_loss,
+    nt_xent_loss,
+    patchify,
+    sinkhorn_knopp,
+    swav_loss,
+    updated_center,
+    updated_patch_center,
+    vicreg_loss,
+)
 from sslbench.method import (
     Method,
     NoOptions,
@@ -62,6 +83,9 @@ __all__ = [
     "ViewRecipe",
     "multi_crop",
     "two_views",
+    "block_mask",
+    "ibot_masks",
+    "random_keep",
     # losses
     "byol_loss",
     "dino_loss",
@@ -69,6 +93,19 @@ __all__ = [
     "dino_pairs",
     "nt_xent_loss",
     "updated_center",
+    "barlow_twins_loss",
+    "codes_with_queue",
+    "enqueue",
+    "ibot_patch_loss",
+    "info_nce_with_queue",
+    "koleo_loss",
+    "mae_loss",
+    "moco_v3_loss",
+    "patchify",
+    "sinkhorn_knopp",
+    "swav_loss",
+    "updated_patch_center",
+    "vicreg_loss",
     # schedules, collectives over ranks, diagnostics, errors
     "SSLBenchError",
     "all_reduce_mean",
