@@ -41,6 +41,17 @@ def test_example_plugin_runs_end_to_end(tmp_path: Path, isolated_registry: None)
     assert record["method_options"] == {"proj_dim": 64, "pred_hidden_dim": 32}
 
 
+def test_the_example_plugin_keeps_the_method_contract(isolated_registry: None) -> None:
+    """What the README's "Adding a method" shows a plugin author: the built-ins' contract, importable."""
+    import sslbench
+    from sslbench.testing import check_method
+
+    (name,) = sslbench.load_plugin_file(EXAMPLE)
+    assert check_method(name, options={"proj_dim": 64, "pred_hidden_dim": 32}) == ["resnet18", "vit_tiny16"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert 'check_method("simsiam", options={"proj_dim": 64, "pred_hidden_dim": 32})' in readme
+
+
 def test_bf16_autocast_path_runs_on_the_cpu(tmp_path: Path) -> None:
     """The GPU's precision path (bf16 autocast) is exercised on the CPU, where CI runs."""
     out = tmp_path / "bf16"

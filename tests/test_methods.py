@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -17,12 +16,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from sslbench import Backbone, Method, SSLBenchError, Step, StepOutput, TrainContext, create_backbone
+from sslbench import ARCHS, Backbone, Method, SSLBenchError, Step, TrainContext, create_backbone
 from sslbench.data.augment import ViewRecipe, build_view_transform
 from sslbench.losses import byol_loss
 from sslbench.method.registry import get_method, list_methods
-from sslbench.models.momentum import ema_update
-from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.testing import check_method
 from sslbench.training.step import drop_frozen_gradients
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -40,6 +38,14 @@ SMALL_OPTIONS = {
 SMALL_ARCHS = ["resnet18", "vit_tiny16"]
 METHODS = sorted(list_methods())
 TRAINABLE = [name for name in METHODS if get_method(name).trainable]
+# Every (method, small arch) pair the method trains: the registry decides, so a new method is covered.
+PAIRS = [
+    (name, arch)
+    for name in METHODS
+    for arch in SMALL_ARCHS
+    if ARCHS[arch].family in get_method(name).families
+]
+TRAINABLE_PAIRS = [(name, arch) for name, arch in PAIRS if name in TRAINABLE]
 CPU = torch.device("cpu")
 
 
@@ -51,7 +57,7 @@ def small_config(method_cls: type[Method], **overrides):
 
 def build(
     name: str,
-    arch: str = "resnet18",
+    arch: str | None = None,
     image_size: int = SIZE,
     epochs: int = 2,
     ipe: int = 1,
@@ -59,6 +65,7 @@ def build(
     **overrides,
 ) -> Method:
     method_cls = get_method(name)
+    arch = arch or next(a for a in SMALL_ARCHS if ARCHS[a].family in method_cls.families)
     backbone = create_backbone(arch, image_size, drop_path_rate)
     context = TrainContext(epochs, ipe, NUM_CLASSES, image_size)
     return method_cls(backbone, small_config(method_cls, **overrides), context)
@@ -120,7 +127,7 @@ def test_method_interface(name):
     method = build(name)
     if method_cls.trainable:  # an evaluation-only method needs no views
         recipe = method.view_recipe()
-        assert isinstance(recipe, ViewRecipe) and recipe.num_views >= 2
+        assert isinstance(recipe, ViewRecipe) and recipe.num_views >= 1
     assert isinstance(method.resolved_options(), dict)
     json.dumps(method.resolved_options())  # recorded beside every number
     eval_backbone = method.eval_backbone()
@@ -151,79 +158,37 @@ def test_eval_backbone_and_feature_source(name, source):
     assert feats["knn"].shape == (2, method.backbone.feat_dim)
 
 
-@pytest.mark.parametrize("arch", SMALL_ARCHS)
-@pytest.mark.parametrize("name", TRAINABLE)
-def test_training_step_gradients_and_ema(name, arch):
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_keeps_the_contract(name):
+    """sslbench.testing.check_method, the same contract a plugin's author can run: two steps on the
+    embedded data, gradients reaching the backbone, teachers moved by EMA only, a bit-identical step after
+    a checkpoint round trip; a one-line refusal on a family the method does not train."""
+    trained = check_method(name, SMALL_ARCHS, SMALL_OPTIONS)
+    assert trained == [arch for arch in SMALL_ARCHS if ARCHS[arch].family in get_method(name).families]
+    assert trained, f"{name} trains neither small backbone"
+
+
+@pytest.mark.parametrize(("name", "arch"), TRAINABLE_PAIRS)
+def test_every_trainable_parameter_gets_a_gradient(name, arch):
+    """Heads, predictors, prototypes, mask tokens, decoders: nothing a method declares is dead weight
+    (teachers aside, and the backbone parameters timm silences at initialisation)."""
     torch.manual_seed(0)
     method = build(name, arch)
     method.train()
     views = make_views(method.view_recipe())
-    assert len(views) == method.view_recipe().num_views
-    step = Step(iteration=1, epoch=1, iterations_per_epoch=1, total_iterations=2)  # past any freezing
-
-    teachers = teacher_modules(method)
-    teacher_ids = {id(p) for t in teachers for p in t.parameters()}
-    for online, ema in method.momentum_pairs():
-        assert ema is not online
-        for p_online, p_ema in zip(online.parameters(), ema.parameters(), strict=True):
-            assert p_ema.data_ptr() != p_online.data_ptr()
-            assert p_ema.shape == p_online.shape  # the same network (its start: the method's choice)
-
-    output = method.training_step(views, labels_for(), step)
-    assert isinstance(output, StepOutput)
-    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
-    for key, value in output.logs.items():
-        assert isinstance(key, str) and math.isfinite(float(value))
-
-    optimizer = build_optimizer("sgd", parameter_groups([method]), momentum=0.9)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.1
-    optimizer.zero_grad(set_to_none=True)
-    output.loss.backward()
-    method.after_backward(step)
-
-    # Every backbone parameter learns, the stem / patch embedding included.
-    stem = (
-        method.backbone.model.conv1
-        if method.backbone.family == "resnet"
-        else method.backbone.model.patch_embed.proj
-    )
-    assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
-    silent = silent_at_init(method.backbone)
-    assert not [n for n, p in method.backbone.named_parameters() if p.requires_grad and p.grad is None]
-    no_grad = [
-        n
-        for n, p in method.backbone.named_parameters()
-        if p.requires_grad and n not in silent and not p.grad.abs().sum() > 0
-    ]
-    assert not no_grad, f"backbone parameters without gradient: {no_grad}"
-    # Every other trainable parameter of the method (its heads) gets a gradient too.
+    step = Step(iteration=3, epoch=1, iterations_per_epoch=2, total_iterations=4)  # past any freezing
+    method.training_step(views, labels_for(), step).loss.backward()
+    teacher_ids = {id(p) for t in teacher_modules(method) for p in t.parameters()}
+    silent = {f"backbone.{n}" for n in silent_at_init(method.backbone)}
     missing = [
         n
         for n, p in method.named_parameters()
-        if p.requires_grad and id(p) not in teacher_ids and p.grad is None
+        if p.requires_grad
+        and id(p) not in teacher_ids
+        and n not in silent
+        and (p.grad is None or not p.grad.any())
     ]
     assert not missing, f"trainable parameters without gradient: {missing}"
-    # Teachers: frozen, without gradient, and not given to the optimizer.
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for teacher in teachers:
-        for p in teacher.parameters():
-            assert p.requires_grad is False and p.grad is None
-    assert not teacher_ids & optimized
-
-    old_teacher = [[p.detach().clone() for p in t.parameters()] for t in teachers]
-    optimizer.step()
-    ema_update(method.momentum_pairs(), 0.9)
-    for (online, ema), old in zip(method.momentum_pairs(), old_teacher, strict=True):
-        new_online = [p.detach() for p in online.parameters()]
-        new_teacher = [p.detach() for p in ema.parameters()]
-        for p_old, p_online, p_new in zip(old, new_online, new_teacher, strict=True):
-            torch.testing.assert_close(p_new, 0.9 * p_old + 0.1 * p_online, rtol=0, atol=1e-6)
-        assert any(not torch.equal(a, b) for a, b in zip(old, new_teacher, strict=True)), (
-            f"{type(ema).__name__} teacher did not move"
-        )
-    for teacher in teachers:
-        assert all(p.requires_grad is False and p.grad is None for p in teacher.parameters())
 
 
 def test_random_is_not_trainable():

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_methods import SMALL_ARCHS, TRAINABLE, build, labels_for, make_views
+from test_methods import TRAINABLE_PAIRS, build, labels_for, make_views
 
 from sslbench.base import precision as P
 from sslbench.base.precision import autocast_for, cpu_bf16_units, precision_choice
@@ -92,8 +92,7 @@ def _step(method, views, precision: str) -> tuple[float, torch.Tensor]:
     return float(loss), after - before
 
 
-@pytest.mark.parametrize("arch", SMALL_ARCHS)
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize(("name", "arch"), TRAINABLE_PAIRS)
 def test_bf16_and_fp32_steps_agree(name: str, arch: str) -> None:
     """The same step from the same weights on 16 images: losses within 1%, updates of about the same
     length pointing the same way (BYOL, whose first gradients are the smallest, differs most: cosine

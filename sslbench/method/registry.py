@@ -14,7 +14,7 @@ import inspect
 import sys
 import warnings
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from sslbench.base.errors import SSLBenchError, unknown_name_message
@@ -29,6 +29,7 @@ _methods: dict[str, type[Method]] = {}
 _sources: dict[str, str] = {}
 _failed: dict[str, str] = {}  # entry-point name -> why its plugin did not import, for get_method's message
 _discovered = False
+_pending: dict[str, EntryPoint] = {}  # entry points not yet imported, while discovery runs
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -64,24 +65,32 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        before = set(_methods)
-        try:
-            loaded = ep.load()
-        except Exception as error:  # a broken plugin must not break the others
-            _failed[ep.name] = f"{ep.value}: {type(error).__name__}: {error}"
-            warnings.warn(
-                f"method plugin '{ep.name}' ({ep.value}) failed to import and is skipped: "
-                f"{type(error).__name__}: {error}",
-                stacklevel=2,
-            )
-            continue
-        if inspect.isclass(loaded) and issubclass(loaded, Method) and loaded not in _methods.values():
-            register_method(ep.name)(loaded)
-        dist = ep.dist.name if ep.dist is not None else "unknown package"
-        origin = "built-in" if dist == "sslbench" else f"package {dist}"
-        for name in set(_methods) - before:
-            _sources[name] = f"{origin} ({ep.value})"
+    _pending.update({ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    while _pending:
+        _load_entry_point(next(iter(_pending)))
+
+
+def _load_entry_point(name: str) -> None:
+    """Import one plugin's entry point. A method built on another (``get_method("ibot")`` at import time)
+    loads that one first, whatever the order the entry points come in."""
+    ep = _pending.pop(name)
+    before = set(_methods)
+    try:
+        loaded = ep.load()
+    except Exception as error:  # a broken plugin must not break the others
+        _failed[ep.name] = f"{ep.value}: {type(error).__name__}: {error}"
+        warnings.warn(
+            f"method plugin '{ep.name}' ({ep.value}) failed to import and is skipped: "
+            f"{type(error).__name__}: {error}",
+            stacklevel=3,
+        )
+        return
+    if inspect.isclass(loaded) and issubclass(loaded, Method) and loaded not in _methods.values():
+        register_method(ep.name)(loaded)
+    dist = ep.dist.name if ep.dist is not None else "unknown package"
+    origin = "built-in" if dist == "sslbench" else f"package {dist}"
+    for added in set(_methods) - before:
+        _sources[added] = f"{origin} ({ep.value})"
 
 
 def load_plugin_file(path: str | Path) -> list[str]:
@@ -118,6 +127,8 @@ def load_plugin_file(path: str | Path) -> list[str]:
 
 def get_method(name: str) -> type[Method]:
     _discover()
+    if name not in _methods and name in _pending:  # asked for while the plugins are being discovered
+        _load_entry_point(name)
     if name not in _methods and name in _failed:
         raise SSLBenchError(
             f"method '{name}' is unavailable: its plugin failed to import ({_failed[name]}); fix or "
