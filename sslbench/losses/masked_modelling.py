@@ -116,7 +116,7 @@ def mae_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: b
     Visible patches are left out because reconstructing what the encoder saw teaches nothing (the paper
     reports lower accuracy when they are included). With ``norm_pix`` the target is each patch normalised
     by its own mean and (unbiased) variance, ``(x - mean) / sqrt(var + 1e-6)``, which sharpens local
-    contrast and improves the representation (Table 1c). ``pred``: ``(B, N, p*p*C)``.
+    contrast and improves the representation (Table 1d). ``pred``: ``(B, N, p*p*C)``.
     """
     target = patchify(at_least_fp32(images), patch)
     if norm_pix:
