@@ -15,6 +15,11 @@ Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
   ``center_momentum=1`` (no centering) and ``teacher_temp=student_temp`` (no sharpening), and Table 7's
   EMA momentum 0 (no momentum teacher), ``loss=mse``, ``predictor=true`` and ``local_crops_number=0``
   (no multi-crop); see ``sslbench ablate``.
+- Two of DINOv2's changes (Oquab et al. 2023, arXiv 2304.07193, Sec. 4) are options, off by default:
+  ``centering="sinkhorn_knopp"`` replaces the teacher's centred softmax by Sinkhorn-Knopp codes of the two
+  global crops together (3 iterations, epsilon = tau_t; the center is then unused and not updated), and
+  ``koleo_weight`` adds ``w * sum_crops L_koleo`` on the student backbone's class tokens (before the head),
+  one term per global crop, as the DINOv2 reference (``ssl_meta_arch.py``).
 """
 
 from __future__ import annotations
@@ -42,14 +47,27 @@ from sslbench import (
     dino_pairs,
     ema_copy,
     entropy,
+    koleo_loss,
     linear_warmup_then_constant,
     multi_crop,
     multicrop_forward,
     register_method,
+    sinkhorn_knopp,
     updated_center,
 )
 
 LOSSES = {"cross_entropy": dino_loss, "mse": dino_mse_loss}
+CENTERINGS = ("ema", "sinkhorn_knopp")
+SINKHORN_ITERATIONS = 3  # DINOv2's sinkhorn_knopp_teacher
+
+
+def sinkhorn_teacher_logits(teacher_out: list[Tensor], teacher_temp: float) -> list[Tensor]:
+    """DINOv2's teacher targets: Sinkhorn-Knopp codes of every global crop together at epsilon = tau_t,
+    returned as log-probabilities so the DINO losses read them with a zero center at temperature 1
+    (``softmax(log q) = q``: the same student side, only the teacher's distribution changes)."""
+    codes = sinkhorn_knopp(torch.cat(teacher_out), epsilon=teacher_temp, iterations=SINKHORN_ITERATIONS)
+    return list(codes.clamp_min(torch.finfo(codes.dtype).tiny).log().chunk(len(teacher_out)))
+
 
 # --recipe paper: the reference README's commands (facebookresearch/dino), every flag they leave out at
 # main_dino.py's default. Their scale (100 epochs, 8 GPUs x 64 images, 8 local crops) is the preset's.
@@ -95,10 +113,18 @@ class DINOConfig:
     freeze_last_layer_epochs: int = 1
     loss: str = "cross_entropy"  # or "mse": the paper's ablation (Table 7)
     predictor: bool = False  # the paper's ablation (Table 7): a BYOL-style predictor on the student only
+    centering: str = "ema"  # or "sinkhorn_knopp" (DINOv2)
+    koleo_weight: float = 0.0  # DINOv2: 0.1
 
     def __post_init__(self) -> None:  # caught when the config is read, before anything trains
         if self.loss not in LOSSES:
             raise SSLBenchError(f"dino.loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.centering not in CENTERINGS:
+            raise SSLBenchError(
+                f"dino.centering must be one of {', '.join(CENTERINGS)}, got '{self.centering}'"
+            )
+        if not self.koleo_weight >= 0:  # NaN fails too
+            raise SSLBenchError(f"dino.koleo_weight must be >= 0, got {self.koleo_weight}")
         if self.local_crops_number < 0:
             raise SSLBenchError(f"dino.local_crops_number must be >= 0, got {self.local_crops_number}")
 
@@ -148,24 +174,39 @@ class DINO(Method):
         # activations build up (a lower peak; the teacher draws no randomness, so nothing else changes).
         with torch.no_grad():
             teacher_out = multicrop_forward(self.teacher_backbone, views[:2], self.teacher_head)
-        student_out = multicrop_forward(self.backbone, views, lambda x: self.head(x, self.predictor))
+        # The backbone's class tokens stay at hand for KoLeo; the head still sees every crop in one batch.
+        features = multicrop_forward(self.backbone, views)
+        student_out = list(self.head(torch.cat(features), self.predictor).chunk(len(views)))
         teacher_temp = float(self.teacher_temps[min(step.epoch, len(self.teacher_temps) - 1)])
-        loss = LOSSES[self.config.loss](
-            student_out, teacher_out, self.center, self.config.student_temp, teacher_temp
-        )
+        teacher_logits, center, temp = self._teacher_targets(teacher_out, teacher_temp)
+        loss = LOSSES[self.config.loss](student_out, teacher_logits, center, self.config.student_temp, temp)
         logs: dict = {"teacher_temp": teacher_temp}
+        if self.config.koleo_weight > 0:
+            koleo = self.config.koleo_weight * sum(koleo_loss(f) for f in features[:2])
+            loss = loss + koleo
+            logs["koleo_loss"] = koleo.detach()
         if step.diagnose:
-            logs |= self._collapse_logs(student_out, teacher_out, teacher_temp)
-        self.center.copy_(updated_center(self.center, teacher_out, self.config.center_momentum))
+            logs |= self._collapse_logs(student_out, teacher_logits, center, temp)
+        if self.config.centering == "ema":
+            self.center.copy_(updated_center(self.center, teacher_out, self.config.center_momentum))
         return StepOutput(loss, logs, embeddings=torch.cat(student_out[:2]))
+
+    def _teacher_targets(
+        self, teacher_out: list[Tensor], teacher_temp: float
+    ) -> tuple[list[Tensor], Tensor, float]:
+        """``(teacher logits, center, temperature)`` as the DINO losses take them: the running center at
+        tau_t (Eq. 4), or DINOv2's Sinkhorn-Knopp codes as log-probabilities, zero center, temperature 1."""
+        if self.config.centering == "ema":
+            return teacher_out, self.center, teacher_temp
+        return sinkhorn_teacher_logits(teacher_out, teacher_temp), torch.zeros_like(self.center), 1.0
 
     @torch.no_grad()
     def _collapse_logs(
-        self, student_out: list[Tensor], teacher_out: list[Tensor], teacher_temp: float
+        self, student_out: list[Tensor], teacher_logits: list[Tensor], center: Tensor, teacher_temp: float
     ) -> dict[str, Tensor]:
         """Teacher entropy h(P_t) and KL(P_t || P_s) over the loss's own view pairs (DINO paper, Sec. 5.3):
         for the cross-entropy loss, ``H(P_t, P_s) = h(P_t) + KL(P_t || P_s)``."""
-        pairs = dino_pairs(student_out, teacher_out, self.center, self.config.student_temp, teacher_temp)
+        pairs = dino_pairs(student_out, teacher_logits, center, self.config.student_temp, teacher_temp)
         entropies = torch.stack([entropy(q) for q, _ in pairs])
         kls = torch.stack([(q * (q.clamp_min(1e-12).log() - logp)).sum(dim=-1).mean() for q, logp in pairs])
         return {"teacher_entropy": entropies.mean(), "teacher_student_kl": kls.mean()}

@@ -302,3 +302,13 @@ def test_third_party_package_end_to_end(tmp_path: Path) -> None:
     assert 0.0 <= record["linear"]["top1"] <= 100.0
     assert (out / "mymethod-resnet18" / "metrics.jsonl").is_file()
     assert "mymethod" in (out / "table.md").read_text()
+
+
+def test_a_method_built_on_another_loads_it_first_and_both_keep_their_source():
+    """dinov2 subclasses ibot through get_method while the entry points (in name order) are imported."""
+    from sslbench.method.registry import get_method, list_methods
+
+    sources = list_methods()
+    assert sources["ibot"] == "built-in (sslbench_methods.ibot)"
+    assert sources["dinov2"] == "built-in (sslbench_methods.dinov2)"
+    assert issubclass(get_method("dinov2"), get_method("ibot"))

@@ -30,6 +30,7 @@ _sources: dict[str, str] = {}
 _failed: dict[str, str] = {}  # entry-point name -> why its plugin did not import, for get_method's message
 _discovered = False
 _pending: dict[str, EntryPoint] = {}  # entry points not yet imported, while discovery runs
+_credited: set[str] = set()  # methods whose source an entry point has already given
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -89,8 +90,9 @@ def _load_entry_point(name: str) -> None:
         register_method(ep.name)(loaded)
     dist = ep.dist.name if ep.dist is not None else "unknown package"
     origin = "built-in" if dist == "sslbench" else f"package {dist}"
-    for added in set(_methods) - before:
+    for added in set(_methods) - before - _credited:  # one loaded on demand inside keeps its own source
         _sources[added] = f"{origin} ({ep.value})"
+        _credited.add(added)
 
 
 def load_plugin_file(path: str | Path) -> list[str]:
