@@ -33,7 +33,10 @@ EVAL = ["--set", "eval.linear=false", "--set", "eval.train_per_class=2", "--set"
 QUICK = ["--methods", "random", "--arch", "resnet18", "--device", "cpu", "--no-progress", *EVAL]
 TINY_TRAIN = ["--arch", "resnet18", "--device", "cpu", "--no-progress", "--epochs", "1", "--batch-size", "8",
               "--set", "train.train_per_class=2", "--set", "eval.monitor_every=0", *EVAL]  # fmt: skip
-BUILT_IN_METHODS = ["byol", "dino", "random", "simclr", "supervised"]
+BUILT_IN_METHODS = [
+    "barlow_twins", "byol", "dino", "dinov2", "ibot", "mae", "mocov2", "mocov3", "random", "simclr",
+    "supervised", "swav", "vicreg",
+]  # fmt: skip
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

@@ -22,7 +22,7 @@ import torch
 from sslbench.base.precision import precision_choice
 from sslbench.cli import main
 from sslbench.config import load_yaml, resolve_config
-from sslbench.method.registry import list_methods
+from sslbench.method.registry import get_method, list_methods
 
 TINY = [
     "--epochs", "1", "--batch-size", "8", "--no-progress",
@@ -37,6 +37,7 @@ METHODS = ["dino", "byol", "simclr", "supervised", "random"]
 MODULES = {"dino": "dino", "byol": "byol", "simclr": "simclr", "supervised": "supervised",
            "random": "random_init"}  # fmt: skip
 ARCHS = ["resnet18", "vit_tiny16"]
+ARCHS_FAMILY = {"resnet18": "resnet", "vit_tiny16": "vit"}
 CPU = torch.device("cpu")
 REPORT_FILES = ["summary.csv", "table.md", "table.tex", "summary.png"]
 
@@ -62,6 +63,35 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, 
 
 
 # --- the tiny run of every method ------------------------------------------------------------------------
+
+
+def test_methods_all_writes_one_table_with_every_method(tmp_path: Path) -> None:
+    """``--methods all`` on both small archs: a row per registered method, a pair that does not apply
+    written as such (n/a, with its reason), every other pair trained and evaluated."""
+    shrink = [
+        "dino.out_dim=64", "dino.hidden_dim=64", "dino.local_crops_number=1", "ibot.out_dim=64",
+        "ibot.hidden_dim=64", "ibot.local_crops_number=1", "dinov2.out_dim=64", "dinov2.hidden_dim=64",
+        "dinov2.local_crops_number=1", "swav.num_prototypes=16", "swav.local_crops_number=1",
+        "mocov2.queue_size=32", "mae.decoder_dim=32", "mae.decoder_depth=1",
+        *[f"{m}.{k}=64" for m in ("byol", "mocov3") for k in ("proj_hidden_dim", "pred_hidden_dim")],
+        *[f"{m}.{k}=64" for m in ("barlow_twins", "vicreg", "simclr") for k in ("proj_hidden_dim",)],
+    ]  # fmt: skip
+    out = tmp_path / "all"
+    args = ["run", "--methods", "all", "--arch", ",".join(ARCHS), "--epochs", "1", "--batch-size", "8",
+            "--no-progress", "--set", "train.train_per_class=1", "--set", "eval.train_per_class=2",
+            "--set", "eval.test_per_class=1", "--set", "eval.monitor_every=0", "--set", "eval.linear=false",
+            "--set", "train.save_weights=false", "--out", str(out)]  # fmt: skip
+    code, stdout, stderr = _main(args + [item for key in shrink for item in ("--set", key)])
+    assert code == 0, stderr
+    table = (out / "table.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(list_methods()) <= set(rows)
+    for name in list_methods():
+        for arch in ARCHS:
+            record = _eval(out, f"{name}-{arch}")
+            applies = ARCHS_FAMILY[arch] in get_method(name).families
+            assert record["status"] == ("ok" if applies else "not applicable"), (name, arch, record["error"])
+        assert ("n/a" in rows[name]) == (get_method(name).families == ("vit",))
 
 
 def test_tiny_run_writes_every_file(tiny_run: tuple[Path, int, str, str]) -> None:

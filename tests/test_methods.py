@@ -33,7 +33,11 @@ SMALL_OPTIONS = {
     "local_crops_number": 2,  # DINO
     "proj_hidden_dim": 64,
     "proj_dim": 32,
-    "pred_hidden_dim": 64,  # BYOL, SimCLR
+    "pred_hidden_dim": 64,  # BYOL, SimCLR, MoCo, Barlow Twins, VICReg
+    "queue_size": 64,  # MoCo v2
+    "num_prototypes": 32,  # SwAV
+    "decoder_dim": 64,
+    "decoder_depth": 1,  # MAE
 }
 SMALL_ARCHS = ["resnet18", "vit_tiny16"]
 METHODS = sorted(list_methods())
