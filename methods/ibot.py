@@ -56,10 +56,12 @@ from sslbench import (
     linear_warmup_then_constant,
     multi_crop,
     multicrop_forward,
+    rank_rows,
     register_method,
     sinkhorn_knopp,
     updated_center,
     updated_patch_center,
+    world_size,
 )
 
 CENTERINGS = ("ema", "sinkhorn_knopp")
@@ -241,16 +243,19 @@ class IBOT(Method):
 
     def draw_masks(self, global_crops: Tensor) -> Tensor:
         """Bool (2B, N) block masks of the concatenated global crops, both crops in one draw (DINOv2's
-        collate), from torch's global generator (seeded per run and rank, saved in checkpoints)."""
+        collate) for the whole global batch, from torch's global generator (seeded per run, the same on
+        every rank, saved in checkpoints); each rank keeps its images' rows (``rank_rows``)."""
         cfg = self.config
         grid = self.backbone.grid(global_crops.shape[-1])
-        masks = ibot_masks(
-            global_crops.shape[0],
+        local = global_crops.shape[0] // 2
+        masks = ibot_masks(  # drawn for the global batch, then this rank's rows: 2 ranks mask as 1 process
+            2 * local * world_size(),
             grid,
             tuple(cfg.mask_ratio),
             cfg.mask_probability,
             generator=torch.default_generator,
         )
+        masks = rank_rows(masks.view(2, local * world_size(), -1), dim=1).reshape(2 * local, -1)
         return masks.to(global_crops.device)
 
     def temperatures(self, step: Step) -> tuple[float, float]:

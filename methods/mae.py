@@ -44,8 +44,9 @@ from sslbench import (
     ViewRecipe,
     mae_loss,
     random_keep,
-    rank,
+    rank_rows,
     register_method,
+    world_size,
 )
 
 # --recipe paper: PRETRAIN.md's command (--blr 1.5e-4 --weight_decay 0.05 --warmup_epochs 40
@@ -220,15 +221,18 @@ class MAE(Method):
     @staticmethod
     def mask_generator(device: torch.device) -> torch.Generator:
         """One step's mask generator on ``device``, seeded by a draw from torch's global CPU generator
-        (seeded per run, saved and restored per rank by checkpoints, and never synchronising a GPU) plus
-        the rank, since every rank starts from the same seed but must mask its own images differently."""
-        return torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, ())) + rank())
+        (seeded per run, the same on every rank, saved by checkpoints, never synchronising a GPU)."""
+        return torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, ())))
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
         images = views[0]
         grid = self.backbone.grid(images.shape[-1])
         generator = self.mask_generator(images.device)
-        ids_keep, mask = random_keep(images.shape[0], grid[0] * grid[1], self.config.mask_ratio, generator)
+        # Drawn for the global batch, then this rank's images' rows: 2 ranks mask as 1 process does
+        everyone = random_keep(
+            images.shape[0] * world_size(), grid[0] * grid[1], self.config.mask_ratio, generator
+        )
+        ids_keep, mask = (rank_rows(part) for part in everyone)
         cls, visible = self.backbone.forward_tokens(images, keep=ids_keep)
         pred = self.decoder(cls, visible, ids_keep, grid)
         loss = mae_loss(pred, images, mask, self.backbone.patch_size, norm_pix=self.config.norm_pix)

@@ -6,7 +6,7 @@ multi-crop forward, heads, EMA teachers, view recipes, losses, schedules, collec
 """
 
 from sslbench import legacy_paths
-from sslbench.base.collectives import all_reduce_mean, gather_with_grad, rank, world_size
+from sslbench.base.collectives import all_reduce_mean, gather_with_grad, rank, rank_rows, world_size
 from sslbench.base.errors import SSLBenchError
 from sslbench.base.schedules import cosine_schedule, linear_warmup_then_constant
 from sslbench.base.small_images import SMALL_IMAGE_MAX
@@ -114,6 +114,7 @@ __all__ = [
     "gather_with_grad",
     "linear_warmup_then_constant",
     "rank",
+    "rank_rows",
     "world_size",
 ]
 

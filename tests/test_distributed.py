@@ -4,7 +4,9 @@ The end-to-end check launches ``torchrun --nproc_per_node=2 -m sslbench run`` an
 run`` with one config and compares the saved weights, the logged losses and the k-NN numbers. It
 covers the pieces that make the ranks one batch: the sampler, per-sample augmentation seeds, DDP's
 gradient averaging, DINO's all-reduced center, SimCLR's negatives gathered with gradients, and
-BatchNorm statistics across ranks (BYOL's per-view BN included).
+BatchNorm statistics across ranks (BYOL's per-view BN included), MoCo v2's queue of every rank's keys,
+MoCo v3's gathered keys, SwAV's Sinkhorn over the global batch, Barlow Twins' all-reduced
+cross-correlation and VICReg's gathered statistics.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from sslbench.models.backbones import create_backbone
 from sslbench.training.distributed import CrossRankBatchNorm, sync_batch_norm
 from sslbench.training.runner import seed_everything
 
-PAIRS = ["dino-resnet18", "simclr-resnet18", "byol-resnet18"]
+# Every built-in method with an operation over the batch that trains ResNets (the masked-modelling ones,
+# ViT-only, draw their masks per rank: the same distribution as one process, not the same draws).
+BATCH_METHODS = ["dino", "simclr", "byol", "mocov2", "mocov3", "swav", "barlow_twins", "vicreg"]
+PAIRS = [f"{method}-resnet18" for method in BATCH_METHODS]
 RUN_ARGS = [
     "run",
-    "--methods=dino,simclr,byol",
+    f"--methods={','.join(BATCH_METHODS)}",
     "--arch=resnet18",
     "--epochs=1",
     "--batch-size=8",
@@ -55,6 +60,15 @@ RUN_ARGS = [
     "--set=dino.local_crops_number=2",
     "--set=byol.proj_hidden_dim=64",
     "--set=byol.pred_hidden_dim=64",
+    "--set=mocov2.queue_size=32",
+    "--set=mocov3.proj_hidden_dim=64",
+    "--set=mocov3.pred_hidden_dim=64",
+    "--set=swav.num_prototypes=16",
+    "--set=swav.local_crops_number=2",
+    "--set=barlow_twins.proj_hidden_dim=64",
+    "--set=barlow_twins.proj_dim=64",
+    "--set=vicreg.proj_hidden_dim=64",
+    "--set=vicreg.proj_dim=64",
 ]
 
 
@@ -113,6 +127,21 @@ def test_only_the_main_rank_writes(runs):
 
 
 # --- the pieces, in one process ---------------------------------------------------------------------
+
+
+def test_rank_rows_are_the_rows_of_this_ranks_images(monkeypatch):
+    """A draw for the global batch (masks), cut as the sampler deals images: rank r has r, r + W, ..."""
+    from sslbench.base import collectives
+
+    drawn = torch.arange(12).view(2, 6)  # 2 crops x a global batch of 6
+    assert collectives.rank_rows(drawn, dim=1) is drawn  # one process keeps the whole draw
+    monkeypatch.setattr(collectives, "is_distributed", lambda: True)
+    monkeypatch.setattr(collectives, "world_size", lambda: 3)
+    monkeypatch.setattr(collectives, "rank", lambda: 1)
+    assert collectives.rank_rows(drawn, dim=1).tolist() == [[1, 4], [7, 10]]
+    whole = list(EpochSampler(12, seed=3, batch_per_rank=6))
+    share = list(EpochSampler(12, 3, 2, rank=1, world=3))
+    assert [i for _, i in share[:2]] == [i for _, i in whole[:6]][1::3]
 
 
 def test_epoch_sampler_deals_each_global_batch_to_the_ranks():

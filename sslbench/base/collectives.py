@@ -129,6 +129,16 @@ def all_reduce_sum_with_grad(tensor: Tensor) -> Tensor:
     return dist_fn.all_reduce(tensor)
 
 
+def rank_rows(global_rows: Tensor, dim: int = 0) -> Tensor:
+    """This rank's rows of a tensor drawn once for the whole global batch (masks): the sampler deals each
+    global batch to the ranks in turn (rank r has images r, r + W, ...), so taking the same rows makes
+    2 ranks draw exactly what 1 process draws for the same images."""
+    if not is_distributed():
+        return global_rows
+    index = torch.arange(rank(), global_rows.shape[dim], world_size(), device=global_rows.device)
+    return global_rows.index_select(dim, index)
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on the main rank and give its result, or its error, to every rank.
 
