@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sslbench.base.errors import SSLBenchError
 from sslbench.config import PRESETS, RunConfig, load_preset, load_yaml, parse_set, preset_text, resolve_config
 from sslbench.data.datasets import DATASET_CHOICES
-from sslbench.method.registry import list_methods, load_plugin_file
+from sslbench.method.registry import get_method, list_methods, load_plugin_file
 from sslbench.models.backbones import ARCHS
 from sslbench.training.distributed import shutdown_distributed
 from sslbench.training.interrupt import RunInterrupted
@@ -261,7 +261,8 @@ def command_list(args: argparse.Namespace) -> int:
         load_plugin_file(plugin)
     print("methods:")
     for name, source in list_methods().items():
-        print(f"  {name:<12} {source}")
+        paper = get_method(name).paper or "no paper given"
+        print(f"  {name:<13} {paper}; {source}")
     print("archs:")
     for name, spec in ARCHS.items():
         print(f"  {name:<12} {spec.description} (timm {spec.timm_name})")

@@ -260,7 +260,8 @@ def test_list_shows_methods_archs_datasets_presets() -> None:
     assert list(body) == ["methods", "archs", "datasets", "presets"]
     for method in METHODS:
         source = rf"built-in \(sslbench_methods\.{MODULES[method]}\)"
-        assert re.search(rf"^  {method}\s+{source}$", body["methods"], re.M)
+        paper = re.escape(get_method(method).paper)
+        assert re.search(rf"^  {method}\s+{paper}; {source}$", body["methods"], re.M)
     for arch in ["resnet18", "resnet50", "vit_tiny16", "vit_s16", "vit_b16"]:
         assert re.search(rf"^  {arch}\s+\S", body["archs"], re.M)
     assert "timm vit_tiny_patch16_224" in body["archs"]

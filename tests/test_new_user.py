@@ -278,7 +278,7 @@ def test_list_shows_a_plugin_files_method_and_where_it_came_from(
     assert main(["list", "--plugin", str(plugin)]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    listed = f"  {'tinyssl':<12} plugin file {plugin}"
+    listed = f"  {'tinyssl':<13} no paper given; plugin file {plugin}"
     assert lines.index("methods:") < lines.index(listed) < lines.index("archs:")
     assert all(any(line.split() and line.split()[0] == name for line in lines) for name in BUILT_IN_METHODS)
     assert captured.err == ""
