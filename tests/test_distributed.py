@@ -32,6 +32,12 @@ from sslbench.training.runner import seed_everything
 # ViT-only, draw their masks per rank: the same distribution as one process, not the same draws).
 BATCH_METHODS = ["dino", "simclr", "byol", "mocov2", "mocov3", "swav", "barlow_twins", "vicreg"]
 PAIRS = [f"{method}-resnet18" for method in BATCH_METHODS]
+# Barlow Twins' and VICReg's losses sum over dimensions: plain SGD at this lr makes their training
+# unstable (the loss rises), which amplifies rounding differences to 6e-3 and 9e-4 of the distance moved
+# (the others: 3e-7 to 8e-5). Their gradients on 2 ranks equal one process's to 1e-6 in the losses' own
+# tests (tests/test_losses_redundancy_reduction.py); the bugs this test guards against move weights 8e-2
+# of the way or more.
+TOLERANCE = {"barlow_twins": 2e-2, "vicreg": 5e-3}
 RUN_ARGS = [
     "run",
     f"--methods={','.join(BATCH_METHODS)}",
@@ -66,9 +72,12 @@ RUN_ARGS = [
     "--set=swav.num_prototypes=16",
     "--set=swav.local_crops_number=2",
     "--set=barlow_twins.proj_hidden_dim=64",
-    "--set=barlow_twins.proj_dim=64",
+    "--set=barlow_twins.proj_dim=8",  # its loss sums over the dimensions: see TOLERANCE
     "--set=vicreg.proj_hidden_dim=64",
     "--set=vicreg.proj_dim=64",
+    "--set=vicreg.sim_coeff=1.0",  # the paper's 25 / 25 / 1, all divided by 25, for the same reason
+    "--set=vicreg.std_coeff=1.0",
+    "--set=vicreg.cov_coeff=0.04",
 ]
 
 
@@ -109,7 +118,8 @@ def test_two_ranks_match_one_process(runs):
         moved = torch.cat([(single[k] - start[k]).flatten() for k in floats]).norm()
         apart = torch.cat([(double[k] - single[k]).flatten() for k in floats]).norm()
         assert moved > 0.1, f"{pair}: training barely moved the weights ({moved:.3g})"
-        assert apart < 1e-3 * moved, f"{pair}: 2 ranks ended {apart / moved:.2e} of the way apart"
+        tolerance = TOLERANCE.get(pair.split("-")[0], 1e-3)
+        assert apart < tolerance * moved, f"{pair}: 2 ranks ended {apart / moved:.2e} of the way apart"
         losses = [
             [json.loads(line)["loss"] for line in (run / pair / "metrics.jsonl").read_text().splitlines()]
             for run in (one, two)
