@@ -39,6 +39,7 @@ from sslbench import (
     SMALL_IMAGE_MAX,
     Backbone,
     DINOHead,
+    MaskSeed,
     Method,
     PaperRecipe,
     ParameterRule,
@@ -213,6 +214,7 @@ class IBOT(Method):
         self.head = self._new_head(config.out_dim)
         self.patch_head = None if config.shared_head else self._new_head(config.patch_out_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, backbone.feat_dim))
+        self.mask_seed = MaskSeed()  # masks alike on every rank and on resume
         self.teacher_backbone = ema_copy(backbone)
         self.teacher_head = ema_copy(self.head)
         self.teacher_patch_head = None if self.patch_head is None else ema_copy(self.patch_head)
@@ -241,10 +243,10 @@ class IBOT(Method):
         cfg = self.config
         return multi_crop(cfg.local_crops_number, tuple(cfg.global_crops_scale), tuple(cfg.local_crops_scale))
 
-    def draw_masks(self, global_crops: Tensor) -> Tensor:
+    def draw_masks(self, global_crops: Tensor, iteration: int = 0) -> Tensor:
         """Bool (2B, N) block masks of the concatenated global crops, both crops in one draw (DINOv2's
-        collate) for the whole global batch, from torch's global generator (seeded per run, the same on
-        every rank, saved in checkpoints); each rank keeps its images' rows (``rank_rows``)."""
+        collate) for the whole global batch, from the step's ``MaskSeed`` generator (the same on every
+        rank, and again on resume); each rank keeps its images' rows (``rank_rows``)."""
         cfg = self.config
         grid = self.backbone.grid(global_crops.shape[-1])
         local = global_crops.shape[0] // 2
@@ -253,7 +255,7 @@ class IBOT(Method):
             grid,
             tuple(cfg.mask_ratio),
             cfg.mask_probability,
-            generator=torch.default_generator,
+            generator=self.mask_seed.generator(iteration),
         )
         masks = rank_rows(masks.view(2, local * world_size(), -1), dim=1).reshape(2 * local, -1)
         return masks.to(global_crops.device)
@@ -267,7 +269,7 @@ class IBOT(Method):
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
         cfg = self.config
         global_crops = torch.cat(views[:2])
-        masks = self.draw_masks(global_crops)
+        masks = self.draw_masks(global_crops, step.iteration)
         temp, patch_temp = self.temperatures(step)
         with torch.no_grad():  # teacher first (a lower peak): the whole crops, no mask
             teacher_cls, teacher_patches = self.teacher_backbone.forward_tokens(global_crops)

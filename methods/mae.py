@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from sslbench import (
     SMALL_IMAGE_MAX,
     Backbone,
+    MaskSeed,
     Method,
     PaperRecipe,
     SSLBenchError,
@@ -191,6 +192,7 @@ class MAE(Method):
             raise SSLBenchError(
                 f"mae trains ViTs only, not {backbone.arch}: it masks patches, which a ResNet has not"
             )
+        self.mask_seed = MaskSeed()  # masks alike on every rank and on resume
         patch = backbone.patch_size
         if context.image_size % patch:
             raise SSLBenchError(f"mae: {context.image_size} px is not a whole number of {patch} px patches")
@@ -218,16 +220,15 @@ class MAE(Method):
     def view_recipe(self) -> ViewRecipe:
         return ViewRecipe("crop_flip", global_scale=tuple(self.config.crop_scale))
 
-    @staticmethod
-    def mask_generator(device: torch.device) -> torch.Generator:
-        """One step's mask generator on ``device``, seeded by a draw from torch's global CPU generator
-        (seeded per run, the same on every rank, saved by checkpoints, never synchronising a GPU)."""
-        return torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, ())))
+    def mask_generator(self, device: torch.device, iteration: int = 0) -> torch.Generator:
+        """The step's mask generator on ``device`` (``MaskSeed``: the same on every rank, again on resume,
+        never waiting for a GPU)."""
+        return self.mask_seed.generator(iteration, device)
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
         images = views[0]
         grid = self.backbone.grid(images.shape[-1])
-        generator = self.mask_generator(images.device)
+        generator = self.mask_generator(images.device, step.iteration)
         # Drawn for the global batch, then this rank's images' rows: 2 ranks mask as 1 process does
         everyone = random_keep(
             images.shape[0] * world_size(), grid[0] * grid[1], self.config.mask_ratio, generator

@@ -11,7 +11,7 @@ from sslbench.base.errors import SSLBenchError
 from sslbench.base.schedules import cosine_schedule, linear_warmup_then_constant
 from sslbench.base.small_images import SMALL_IMAGE_MAX
 from sslbench.data.augment import ViewRecipe, multi_crop, two_views
-from sslbench.data.masking import block_mask, ibot_masks, random_keep
+from sslbench.data.masking import MaskSeed, block_mask, ibot_masks, random_keep
 from sslbench.evaluation.diagnostics import entropy
 from sslbench.losses import (
     barlow_twins_loss,
@@ -84,6 +84,7 @@ __all__ = [
     "multi_crop",
     "two_views",
     "block_mask",
+    "MaskSeed",
     "ibot_masks",
     "random_keep",
     # losses

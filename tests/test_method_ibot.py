@@ -75,7 +75,7 @@ def test_mask_token_replaces_exactly_the_masked_patches(monkeypatch):
     with torch.no_grad():
         method.mask_token.normal_()  # not zero, so the replacement is visible
     masks = fixed_masks(method)
-    monkeypatch.setattr(method, "draw_masks", lambda crops: masks)
+    monkeypatch.setattr(method, "draw_masks", lambda crops, iteration=0: masks)
     views = make_views()
     student, teacher = embedding_inputs(method.backbone), embedding_inputs(method.teacher_backbone)
     method.training_step(views, torch.zeros(4), STEP)
@@ -166,7 +166,7 @@ def test_masked_patch_loss_is_ibot_patch_loss_on_the_masked_patches():
 def test_centres_move_toward_the_teacher_means(monkeypatch):
     method = build("ibot")
     masks = fixed_masks(method)
-    monkeypatch.setattr(method, "draw_masks", lambda crops: masks)
+    monkeypatch.setattr(method, "draw_masks", lambda crops, iteration=0: masks)
     g = torch.Generator().manual_seed(1)
     start, patch_start = (
         torch.randn(method.center.shape, generator=g),
@@ -194,7 +194,7 @@ def test_loss_weights_and_local_crops(monkeypatch):
     ):
         method = build("ibot", lambda1=lambdas[0], lambda2=lambdas[1])
         masks = fixed_masks(method)
-        monkeypatch.setattr(method, "draw_masks", lambda crops, _m=masks: _m)
+        monkeypatch.setattr(method, "draw_masks", lambda crops, iteration=0, _m=masks: _m)
         views = make_views()
         views[2:] = make_views(seed=seed)[2:]
         with torch.no_grad():
@@ -301,7 +301,7 @@ def test_dinov2_koleo_enters_the_loss_with_its_weight(monkeypatch):
     for weight in (0.0, 0.1, 0.3):
         method = build("dinov2", koleo_weight=weight)
         masks = fixed_masks(method)
-        monkeypatch.setattr(method, "draw_masks", lambda crops, _m=masks: _m)
+        monkeypatch.setattr(method, "draw_masks", lambda crops, iteration=0, _m=masks: _m)
         with torch.no_grad():
             cls, _ = method.backbone.forward_tokens(
                 torch.cat(make_views()[:2]), mask=masks, mask_token=method.mask_token[0]

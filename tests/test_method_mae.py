@@ -32,10 +32,9 @@ def step(iteration: int = 0) -> Step:
     return Step(iteration, 0, 1, 10)
 
 
-def masks_of(method, seed: int, batch: int = 4, num_patches: int = 64):
-    """The masks of a step taken right after ``torch.manual_seed(seed)``."""
-    torch.manual_seed(seed)
-    generator = method.mask_generator(torch.device("cpu"))
+def masks_of(method, iteration: int = 0, batch: int = 4, num_patches: int = 64):
+    """The masks of the method's step ``iteration``."""
+    generator = method.mask_generator(torch.device("cpu"), iteration)
     return random_keep(batch, num_patches, method.config.mask_ratio, generator)
 
 
@@ -55,7 +54,7 @@ def test_encoder_sees_exactly_the_kept_patches():
     method.training_step([images()], torch.zeros(4), step())
     keep = int(64 * (1 - 0.75))  # 8x8 patches of 4 px at 32 px, 75% removed
     assert seen == [torch.Size([4, 1 + keep, method.backbone.feat_dim])]  # class token + visible only
-    ids_keep, mask = masks_of(method, 3)
+    ids_keep, mask = masks_of(method, 0)
     assert torch.equal(calls[0], ids_keep)
     for row, kept in zip(mask, ids_keep, strict=True):  # the kept indices are the mask's zeros
         assert set(kept.tolist()) == set(torch.nonzero(row == 0).flatten().tolist())
@@ -81,7 +80,7 @@ def test_loss_is_on_removed_patches_only():
     method = build(**SMALL)
     method.eval()
     x = images()
-    _, mask = masks_of(method, 5)
+    _, mask = masks_of(method, 0)
     base = _loss_with_prediction_offset(method, x, torch.zeros_like(mask))
     visible_changed = _loss_with_prediction_offset(method, x, 1 - mask)
     removed_changed = _loss_with_prediction_offset(method, x, mask)
@@ -89,7 +88,7 @@ def test_loss_is_on_removed_patches_only():
     assert removed_changed > base + 1.0
     # The loss is the mean over removed patches of the per-patch error against normalised pixels.
     with torch.no_grad():
-        ids_keep, _ = masks_of(method, 5)
+        ids_keep, _ = masks_of(method, 0)
         cls, visible = method.backbone.forward_tokens(x, keep=ids_keep)
         pred = method.decoder(cls, visible, ids_keep, (8, 8))
         patches = x.reshape(4, 3, 8, 4, 8, 4).permute(0, 2, 4, 3, 5, 1).reshape(4, 64, 48)
@@ -110,23 +109,19 @@ def test_decoder_predicts_every_patch_pixels(image_size, patch):
     assert pred.shape == (2, side * side, patch * patch * 3)  # 48 values per patch at 32 px
 
 
-def test_masks_repeat_from_the_same_seed(monkeypatch):
+def test_masks_repeat_from_the_run_seed_and_step():
+    """Masks come from the method's MaskSeed (drawn when built, after the run's seed) and the step: the
+    same run seed gives the same masks, each step new ones, and a checkpoint carries the seed."""
     first, again, other_seed = build(**SMALL), build(**SMALL), build(seed=1, **SMALL)
-    assert torch.equal(masks_of(first, 7)[0], masks_of(again, 7)[0])
-    assert not torch.equal(masks_of(first, 7)[0], masks_of(first, 8)[0])  # another run seed
-    torch.manual_seed(7)
-    consecutive = [random_keep(4, 64, 0.75, first.mask_generator(torch.device("cpu")))[0] for _ in range(2)]
-    assert not torch.equal(*consecutive)  # new masks every step
-    # A whole step repeats from the generator's state, as a resumed run restores it; the method's own
-    # weights play no part in the draw (``other_seed`` was built from other ones).
+    assert torch.equal(masks_of(first)[0], masks_of(again)[0])
+    assert not torch.equal(masks_of(first)[0], masks_of(other_seed)[0])  # another run seed
+    assert not torch.equal(masks_of(first, 0)[0], masks_of(first, 1)[0])  # new masks every step
     x = images()
-    state = torch.get_rng_state()
-    loss = first.training_step([x], torch.zeros(4), step()).loss
-    torch.set_rng_state(state)
-    assert torch.equal(again.training_step([x], torch.zeros(4), step()).loss, loss)
-    torch.set_rng_state(state)
-    other_seed.load_state_dict(first.state_dict())
-    assert torch.equal(other_seed.training_step([x], torch.zeros(4), step()).loss, loss)
+    loss = first.training_step([x], torch.zeros(4), step(3)).loss
+    assert torch.equal(again.training_step([x], torch.zeros(4), step(3)).loss, loss)
+    other_seed.load_state_dict(first.state_dict())  # a resumed run: the seed comes with the weights
+    assert torch.equal(masks_of(other_seed, 3)[0], masks_of(first, 3)[0])
+    assert torch.equal(other_seed.training_step([x], torch.zeros(4), step(3)).loss, loss)
 
 
 def test_mae_refuses_a_resnet_in_one_line():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sslbench.base.errors import SSLBenchError
 
@@ -155,3 +155,24 @@ def random_keep(
     mask[:, :keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)
     return ids_shuffle[:, :keep], mask
+
+
+class MaskSeed(nn.Module):
+    """Where a method's masks come from: one seed drawn when the method is built (after the run's seed,
+    so the same on every rank and in a one-process run) and the step's iteration. Masks drawn for the
+    whole global batch from ``generator(iteration)`` and cut by ``rank_rows`` are then the same on 2
+    ranks as in 1 process, and a resumed run draws them again exactly: the seed is saved with the
+    method's state (``get_extra_state``), not as a tensor, so reading it never waits for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seed = int(torch.randint(0, 2**62, ()))
+
+    def generator(self, iteration: int, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device).manual_seed(self.seed + iteration)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"seed": self.seed}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.seed = int(state["seed"])
