@@ -172,6 +172,7 @@ def test_a_pair_a_method_does_not_train_is_in_the_table_as_such(
     table = (out / "table.md").read_text(encoding="utf-8")
     row = next(line for line in table.splitlines() if line.startswith("| vit_only_random"))
     assert row.count("n/a") == 2 and "failed" not in row
+    assert "- knn_k: 20\n" in table  # a pair that did not run has no protocol to vary
     # Nothing of the run applies: one line, before any folder is made
     only = [a for a in args if a not in ("--methods", "--arch")]  # the plugin stays registered
     code, stderr = _run(

@@ -220,7 +220,8 @@ def _fmt_value(value: Any) -> str:
 def protocol_summary(df: pd.DataFrame) -> list[str]:
     """'key: value' for shared settings and 'key: varies (...)' where pairs were run differently."""
     keys = _protocol_keys(df)
-    recorded = df[df[keys].notna().any(axis=1)] if keys else df.iloc[0:0]
+    applies = df["status"].astype(str).str.lower() != NOT_APPLICABLE if "status" in df else True
+    recorded = df[df[keys].notna().any(axis=1) & applies] if keys else df.iloc[0:0]
     lines: list[str] = []
     for key in KEY_PROTOCOL + [k for k in keys if k not in KEY_PROTOCOL]:
         if key not in recorded.columns or recorded.empty:
