@@ -71,7 +71,6 @@ class DINOPositionViT(VisionTransformer):
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
         return self.pos_drop(tokens + positions)
 
-
     def forward_tokens(
         self,
         images: Tensor,
