@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from two_ranks import loss_and_grads_in_one_process, loss_and_grads_on_ranks
 
 from sslbench.base.errors import SSLBenchError
 from sslbench.losses.redundancy_reduction import barlow_twins_loss, off_diagonal, vicreg_loss
-from tests.two_ranks import loss_and_grads_in_one_process, loss_and_grads_on_ranks
 
 F64 = torch.float64
 SIZES = [(8, 4), (32, 16), (64, 5)]
