@@ -17,7 +17,8 @@ Zhou et al. 2022, "iBOT: Image BERT Pre-Training with Online Tokenizer", arXiv 2
 - Masks (``ibot_masks``): DINOv2's rule, exactly half of the global crops masked with ratios spread
   evenly over [0.1, 0.5]; the reference (``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2``) masks each crop
   with probability 1/2 at a ratio uniform in [0.1, 0.5], the same expectation. Local crops: class-token
-  loss only, no mask. Drawn from torch's global generator, which the runner seeds per run and rank.
+  loss only, no mask. Drawn for the global batch from a ``MaskSeed`` (the same on every rank and on
+  resume) and cut by rank, so 2 ranks mask as 1 process.
 - Head: one DINO head projects class and patch tokens (the ViT-S/16 command's ``--shared_head true``,
   8192 outputs); ``shared_head=False`` gives the patch tokens a head of their own. Last layer frozen in
   epoch 1; evaluation reads the teacher.

@@ -67,6 +67,7 @@ VIT_RECIPE = PaperRecipe(
         "weight_decay_end": 0.05,
         "momentum": 0.9,
         "clip_grad": 0.0,
+        "drop_path_rate": 0.0,  # models_mae.py's blocks have no stochastic depth
     },
     options={"mask_ratio": 0.75, "norm_pix": True},
 )

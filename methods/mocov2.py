@@ -16,10 +16,11 @@ Learning", arXiv 1911.05722). Reference: facebookresearch/moco (``moco/builder.p
 - Queue: a buffer of K L2-normalised keys (65536 in the paper; 4096 on small images, where a dataset
   of ~50k images would fill 65536 slots with stale keys of the query's own image), initialised as the
   reference (a normal draw, normalised); any K works, a multiple of the batch or not.
-- BatchNorm: the paper's shuffling BN hides a batch's own statistics from the key encoder; here
-  queries and keys go through separate forwards, each batch-normalised over the global batch (the runner
-  makes BN global across ranks), as SimCLR's global BN and MoCo v3: per-device statistics, which
-  the shuffle exists to decorrelate, are never used, so there is nothing to shuffle.
+- BatchNorm: queries and keys go through separate forwards, each batch-normalised over the global batch
+  (the runner makes BN global across ranks), as SimCLR's global BN and MoCo v3. The paper's shuffling
+  BN (He et al. 2020, Sec. 3.3) is not reproduced: a query's and its positive key's statistics come
+  from batches of the same images, the signature the shuffle hides; MoCo v3 needs no shuffle only
+  because its negatives are the batch's own. Known difference, in the README.
 - Views: MoCo v2's augmentation, SimCLR's at strength 0.5 (ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
   grayscale p 0.2, blur p 0.5, flip) on crops of scale (0.2, 1), both views alike.
 - Evaluation reads the query encoder's backbone, as the paper's linear protocol.

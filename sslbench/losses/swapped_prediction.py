@@ -80,7 +80,7 @@ def sinkhorn_knopp(
         column = q.sum(dim=0, keepdim=True)
         if keep is not None:
             column = column.masked_fill(~keep.t(), 1.0)
-        q /= column
+        q /= column.clamp_min(torch.finfo(q.dtype).tiny)  # a sample far below every prototype: no 0/0
         q /= n_samples
     q *= n_samples  # columns sum to 1: each sample's code is a distribution over the prototypes
     return q.t()
