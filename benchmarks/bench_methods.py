@@ -22,7 +22,7 @@ from sslbench.data.datasets import load_dataset
 from sslbench.method.base import Step
 from sslbench.method.registry import get_method, list_methods
 from sslbench.models.backbones import arch_spec, create_backbone
-from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.optim import build_optimizer, method_parameter_groups
 from sslbench.training.runner import build_method, plan_pair
 from sslbench.training.step import optimization_step, precision_for
 
@@ -40,8 +40,7 @@ def _pair_step(name: str, arch: str, data, device: torch.device):
     per_image = [transform(data.train.load(i)) for i in range(BATCH)]
     views = [torch.stack(group) for group in zip(*per_image, strict=True)]
     labels = torch.as_tensor(data.train.labels[:BATCH])
-    without_decay = [rule.module for rule in method.parameter_rules() if not rule.weight_decay]
-    optimizer = build_optimizer(plan.train.optimizer, parameter_groups([method], without_decay), 0.9, device)
+    optimizer = build_optimizer(plan.train.optimizer, method_parameter_groups(method), 0.9, device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     autocast = autocast_for(precision_for(plan.train, device), device)

@@ -17,7 +17,7 @@ from PIL import Image
 from sslbench import Step, TrainContext, create_backbone, get_method, list_methods
 from sslbench.data.augment import build_view_transform
 from sslbench.models.backbones import arch_spec
-from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.optim import build_optimizer, method_parameter_groups
 from sslbench.training.step import optimization_step
 
 BATCH = 16
@@ -47,8 +47,7 @@ def test_train_step(benchmark, name: str, arch: str) -> None:
         config.local_crops_number = 2
     method = cls(create_backbone(arch, 32), config, TrainContext(1, 10, 10, 32))
     views, labels = _batch(method), torch.randint(0, 10, (BATCH,))
-    without_decay = [rule.module for rule in method.parameter_rules() if not rule.weight_decay]
-    optimizer = build_optimizer("adamw", parameter_groups([method], without_decay), 0.9, torch.device("cpu"))
+    optimizer = build_optimizer("adamw", method_parameter_groups(method), 0.9, torch.device("cpu"))
     step = Step(5, 1, 10, 10)
 
     def train_step() -> None:  # the runner's own step: clipping, hooks, optimizer and EMA included

@@ -34,7 +34,7 @@ from sslbench.method.registry import get_method
 from sslbench.models.backbones import arch_spec, create_backbone
 from sslbench.models.momentum import ema_update
 from sslbench.training.checkpoint import restore_rng_state, rng_state
-from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.optim import build_optimizer, method_parameter_groups
 from sslbench.training.step import optimization_step
 
 SMALL_ARCHS = ("resnet18", "vit_tiny16")
@@ -115,8 +115,7 @@ def _seeded(seed: int):
 
 
 def _optimizer(method: Method) -> torch.optim.Optimizer:
-    without_decay = [rule.module for rule in method.parameter_rules() if not rule.weight_decay]
-    optimizer = build_optimizer("adamw", parameter_groups([method], without_decay), 0.9)
+    optimizer = build_optimizer("adamw", method_parameter_groups(method), 0.9)
     for group in optimizer.param_groups:
         group["lr"] = 1e-3
         group["weight_decay"] = 0.04 if group.get("regularized") else 0.0

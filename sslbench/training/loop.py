@@ -24,7 +24,7 @@ from sslbench.config import TrainConfig
 from sslbench.method import Method, Step
 from sslbench.training.checkpoint import Checkpointing
 from sslbench.training.interrupt import stop_signals_deferred
-from sslbench.training.optim import build_optimizer, parameter_groups
+from sslbench.training.optim import build_optimizer, method_parameter_groups
 from sslbench.training.state import TrainState
 from sslbench.training.step import Schedules, device_views, memory_format_for, optimization_step
 
@@ -50,9 +50,9 @@ def train_loop(
     """
     ipe, epochs = len(loader), train_cfg.epochs
     schedules = Schedules.for_run(train_cfg, ipe)
-    without_decay = [rule.module for rule in method.parameter_rules() if not rule.weight_decay]
-    groups = parameter_groups([method], without_decay)
-    optimizer = build_optimizer(train_cfg.optimizer, groups, train_cfg.momentum, device)
+    optimizer = build_optimizer(
+        train_cfg.optimizer, method_parameter_groups(method), train_cfg.momentum, device
+    )
     autocast = autocast_for(precision, device)
     make_views = make_views or device_views(device, memory_format_for(device, method.backbone.family))
     checkpoints = checkpointing or Checkpointing.disabled(pair_dir)

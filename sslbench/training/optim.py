@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sslbench.config import OPTIMIZERS
+from sslbench.method.base import Method
 
 
 def parameter_groups(modules: Iterable[nn.Module], without_decay: Iterable[nn.Module] = ()) -> list[dict]:
@@ -28,6 +29,13 @@ def parameter_groups(modules: Iterable[nn.Module], without_decay: Iterable[nn.Mo
         {"params": decay, "regularized": True},
         {"params": no_decay, "regularized": False, "weight_decay": 0.0, "lars_exclude": True},
     ]
+
+
+def method_parameter_groups(method: Method) -> list[dict]:
+    """A method's groups: its ``ParameterRule``s with ``weight_decay=False`` join the biases and norms."""
+    return parameter_groups(
+        [method], [rule.module for rule in method.parameter_rules() if not rule.weight_decay]
+    )
 
 
 class LARS(torch.optim.Optimizer):
