@@ -16,11 +16,14 @@ Learning", arXiv 1911.05722). Reference: facebookresearch/moco (``moco/builder.p
 - Queue: a buffer of K L2-normalised keys (65536 in the paper; 4096 on small images, where a dataset
   of ~50k images would fill 65536 slots with stale keys of the query's own image), initialised as the
   reference (a normal draw, normalised); any K works, a multiple of the batch or not.
-- BatchNorm: queries and keys go through separate forwards, each batch-normalised over the global batch
-  (the runner makes BN global across ranks), as SimCLR's global BN and MoCo v3. The paper's shuffling
-  BN (He et al. 2020, Sec. 3.3) is not reproduced: a query's and its positive key's statistics come
-  from batches of the same images, the signature the shuffle hides; MoCo v3 needs no shuffle only
-  because its negatives are the batch's own. Known difference, in the README.
+- Shuffling BN (He et al. 2020, Sec. 3.3; the reference's ``_batch_shuffle_ddp``): queries are
+  batch-normalised in groups of ``bn_group_size`` consecutive images of the global batch (the reference's
+  32 per GPU at batch 256 on 8 GPUs) and keys in as many groups of every G-th image, a fixed shuffle, so
+  a query's statistics and its positive key's share 1/G of their images, as the reference's random
+  shuffle over G GPUs does in expectation, and the positive cannot be found by a batch signature it
+  shares with its query. The groups follow each image's place in the global batch, with sums
+  all-reduced over the ranks (``GroupedBatchNorm``), so 1 process and N ranks train alike. At least 2
+  groups: a batch under 64 has 2. ``shuffle_bn=false`` normalises both over the whole batch instead.
 - Views: MoCo v2's augmentation, SimCLR's at strength 0.5 (ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
   grayscale p 0.2, blur p 0.5, flip) on crops of scale (0.2, 1), both views alike.
 - Evaluation reads the query encoder's backbone, as the paper's linear protocol.
@@ -44,10 +47,15 @@ from sslbench import (
     StepOutput,
     TrainContext,
     ViewRecipe,
+    batch_norm_groups,
+    contiguous_groups,
     ema_copy,
     enqueue,
     info_nce_with_queue,
     register_method,
+    strided_groups,
+    use_grouped_batch_norm,
+    world_size,
 )
 
 # --recipe paper: the MoCo v2 README's command (main_moco.py --lr 0.03 --batch-size 256 --mlp --moco-t 0.2
@@ -79,13 +87,15 @@ class MoCoV2Config:
     proj_dim: int = 128
     queue_size: int | None = None  # None: 65536 (the paper) above 64 px, 4096 on small images
     temperature: float = 0.2
+    shuffle_bn: bool = True  # the paper's shuffling BN; false: global BatchNorm for queries and keys
+    bn_group_size: int = 32  # images per BatchNorm group: the reference's per-GPU batch (256 on 8 GPUs)
 
     def __post_init__(self) -> None:  # caught when the config is read, before anything trains
         if self.temperature <= 0:
             raise SSLBenchError(f"mocov2.temperature must be > 0, got {self.temperature}")
         if self.queue_size is not None and self.queue_size < 1:
             raise SSLBenchError(f"mocov2.queue_size must be >= 1, got {self.queue_size}")
-        for name in ("proj_hidden_dim", "proj_dim"):
+        for name in ("proj_hidden_dim", "proj_dim", "bn_group_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise SSLBenchError(f"mocov2.{name} must be >= 1, got {value}")
@@ -125,6 +135,9 @@ class MoCoV2(Method):
         self.head = MoCoV2Head(backbone.feat_dim, config.proj_hidden_dim, config.proj_dim)
         self.key_backbone = ema_copy(backbone)
         self.key_head = ema_copy(self.head)
+        if config.shuffle_bn:  # both encoders: queries and keys are normalised by groups
+            use_grouped_batch_norm(self.backbone)
+            use_grouped_batch_norm(self.key_backbone)
         # The reference's draw: randn(dim, K) normalised over dim; kept as (K, dim) rows for enqueue
         queue = F.normalize(torch.randn(config.proj_dim, config.queue_size), dim=0).t().contiguous()
         self.register_buffer("queue", queue)
@@ -134,9 +147,14 @@ class MoCoV2(Method):
         return ViewRecipe("symmetric", global_scale=(0.2, 1.0), color_strength=0.5)
 
     def training_step(self, views: list[Tensor], labels: Tensor, step: Step) -> StepOutput:
-        with torch.no_grad():  # keys first: their activations are gone before the queries' build up
+        batch, device = views[0].shape[0], views[0].device
+        groups = self._bn_groups(batch)
+        # keys first: their activations are gone before the queries' build up
+        key_groups = strided_groups(batch, groups, device)
+        with torch.no_grad(), batch_norm_groups(self.key_backbone, key_groups, groups):
             k = self.key_head(self.key_backbone(views[1]))
-        q = self.head(self.backbone(views[0]))
+        with batch_norm_groups(self.backbone, contiguous_groups(batch, groups, device), groups):
+            q = self.head(self.backbone(views[0]))
         # A copy of the queue, as the reference's queue.clone(): backward reads it after enqueue overwrote it
         loss = info_nce_with_queue(q, k, self.queue.clone(), self.config.temperature)
         logs: dict = {}
@@ -144,6 +162,11 @@ class MoCoV2(Method):
             logs["contrast_top1"] = self._top1(q, k)
         enqueue(self.queue, self.queue_ptr, k)
         return StepOutput(loss, logs, embeddings=q)
+
+    def _bn_groups(self, local_batch: int) -> int:
+        """G for this batch: global batch / bn_group_size, at least 2 (a shuffle needs two groups)."""
+        global_batch = local_batch * world_size()
+        return min(global_batch, max(2, global_batch // self.config.bn_group_size))
 
     @torch.no_grad()
     def _top1(self, q: Tensor, k: Tensor) -> Tensor:

@@ -49,6 +49,13 @@ from sslbench.method import (
     register_method,
 )
 from sslbench.models.backbones import ARCHS, Backbone, create_backbone, multicrop_forward
+from sslbench.models.batch_norm_groups import (
+    GroupedBatchNorm,
+    batch_norm_groups,
+    contiguous_groups,
+    strided_groups,
+    use_grouped_batch_norm,
+)
 from sslbench.models.heads import DINOHead, MLPHead, init_linears
 from sslbench.models.momentum import ema_copy, ema_update
 
@@ -78,6 +85,11 @@ __all__ = [
     "ema_copy",
     "ema_update",
     "multicrop_forward",
+    "GroupedBatchNorm",
+    "batch_norm_groups",
+    "contiguous_groups",
+    "strided_groups",
+    "use_grouped_batch_norm",
     # views
     "SMALL_IMAGE_MAX",
     "ViewRecipe",

@@ -19,14 +19,17 @@ so the single-process path has no branches of its own.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from sslbench.base.collectives import is_distributed, use_host_group
+from sslbench.models.batch_norm_groups import GroupedBatchNorm
 
 # The helper ranks wait in a collective while the main rank evaluates a pair or monitors: allow for it.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
@@ -55,7 +58,7 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+class CrossRankBatchNorm(_BatchNorm):
     """BatchNorm with statistics over every rank's batch, for the CPU where SyncBatchNorm is unavailable.
 
     Sums and squared sums are all-reduced with a differentiable all-reduce, so the gradient through
@@ -91,12 +94,14 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out.to(input.dtype)
 
 
-def _convert_cross_rank(module: nn.Module) -> nn.Module:
+def _convert_batch_norms(module: nn.Module, make: Callable[[_BatchNorm], nn.Module]) -> nn.Module:
+    """``module`` with every BatchNorm made global by ``make``, its state kept; a ``GroupedBatchNorm``
+    (MoCo v2's shuffling BN) already reduces its groups over the ranks and is left as it is."""
     converted = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
-        converted = CrossRankBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
+    if isinstance(module, _BatchNorm) and not isinstance(
+        module, (CrossRankBatchNorm, nn.SyncBatchNorm, GroupedBatchNorm)
+    ):
+        converted = make(module)
         converted.load_state_dict(module.state_dict())
         converted.train(module.training)
         converted.to(next(module.buffers(), torch.empty(0)).device)
@@ -104,7 +109,7 @@ def _convert_cross_rank(module: nn.Module) -> nn.Module:
             converted.weight.requires_grad_(module.weight.requires_grad)
             converted.bias.requires_grad_(module.bias.requires_grad)
     for name, child in module.named_children():
-        converted.add_module(name, _convert_cross_rank(child))
+        converted.add_module(name, _convert_batch_norms(child, make))
     return converted
 
 
@@ -112,9 +117,10 @@ def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
     """Global BatchNorm statistics across ranks: SyncBatchNorm on GPUs, CrossRankBatchNorm elsewhere."""
     if not is_distributed():
         return module
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _convert_cross_rank(module)
+    kind = nn.SyncBatchNorm if device.type == "cuda" else CrossRankBatchNorm
+    return _convert_batch_norms(
+        module, lambda bn: kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    )
 
 
 def data_parallel(method: nn.Module, device: torch.device) -> nn.Module:
