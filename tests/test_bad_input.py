@@ -97,8 +97,8 @@ def test_unknown_arch_lists_the_archs(capsys: pytest.CaptureFixture[str], tmp_pa
 
 
 def test_unknown_dataset_lists_the_datasets(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    line = _error(capsys, *QUICK, "--dataset", "cifar100", "--out", str(tmp_path / "out"))
-    assert "unknown dataset 'cifar100' (did you mean 'cifar10'?)" in line
+    line = _error(capsys, *QUICK, "--dataset", "cifar11", "--out", str(tmp_path / "out"))
+    assert "unknown dataset 'cifar11' (did you mean 'cifar10'?)" in line
     assert all(name in line for name in DATASET_CHOICES)
 
 

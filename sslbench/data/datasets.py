@@ -1,15 +1,15 @@
 """Datasets: where images come from, decoupled from how they are augmented.
 
 An ``ImageSource`` only yields RGB PIL images and integer labels, so every method sees the same pixels
-whatever the on-disk format (packaged npz, CIFAR-10 zip, ImageFolder tree, torchvision batches), and
-augmentations stay the method's business through ``TransformDataset``.
+whatever the on-disk format (packaged npz, CIFAR zip, ImageFolder tree, torchvision batches, STL-10
+binaries), and augmentations stay the method's business through ``TransformDataset``. The datasets known
+by name (CIFAR-100, STL-10, Tiny ImageNet, ImageNet-100, ImageNet) live in ``named_datasets``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import re
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,25 +24,27 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from sslbench.base.errors import SSLBenchError, unknown_name_message
+from sslbench.base.small_images import SMALL_IMAGE_MAX
 from sslbench.data.image_files import (
     IMAGE_EXTENSIONS,
-    SKIP_HINT,
-    BadImageError,
     FileSource,
     check_policy,
     drop_unreadable,
-    read_rgb,
     warn_skipped,
 )
+from sslbench.data.image_files import read_rgb as read_rgb  # re-exported: evaluation reads it from here
 
-DATASET_CHOICES: tuple[str, ...] = ("embedded", "cifar10", "imagefolder:PATH")
+DATASET_CHOICES: tuple[str, ...] = (
+    "embedded", "cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100", "imagenet", "imagefolder:PATH",
+)  # fmt: skip
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDED_FILE = "cifar10_subset.npz"
-CIFAR10_DEFAULT_ROOTS = ("./data/cifar10", "./data/cifar10.zip", "~/.cache/sslbench/cifar10")
-_ZIP_MEMBER = re.compile(r"^(?:.*/)?(train|test)/([^/]+)/[^/]+$")
+LARGE_IMAGE_SIZE = 224  # an image folder of images over SMALL_IMAGE_MAX px is trained at this size
+SIZE_SAMPLES = 8  # images, spread over the classes, whose headers give an image folder its image size
+_HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class ImageSource(Protocol):
@@ -86,6 +88,24 @@ class SubsetSource:
         return self.source.load(int(self.indices[index]))
 
 
+class ConcatSource:
+    """Sources one after another, copying nothing: STL-10's labelled and unlabelled images for pretraining."""
+
+    def __init__(self, sources: Sequence[ImageSource]) -> None:
+        self.sources = list(sources)
+        self.labels = np.concatenate([np.asarray(s.labels, dtype=np.int64) for s in self.sources])
+        self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def load(self, index: int) -> Image.Image:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.sources[part].load(index - int(self.starts[part]))
+
+
 class TransformDataset(torch.utils.data.Dataset):
     """Pairs a source with a method's transform; the transform may return a list of views."""
 
@@ -102,6 +122,11 @@ class TransformDataset(torch.utils.data.Dataset):
 
 @dataclass
 class DatasetSplits:
+    """A dataset's splits. ``train`` is the labelled set the k-NN bank and the linear probe are fitted on;
+    ``pretrain`` holds the images self-supervised training sees when they differ from ``train`` (STL-10's
+    100,000 unlabelled images with its 5,000 labelled ones), labelled -1 where it carries no labels;
+    None: pretraining uses ``train``."""
+
     name: str
     train: ImageSource
     test: ImageSource
@@ -111,6 +136,7 @@ class DatasetSplits:
     std: tuple[float, float, float]
     description: str
     skipped_images: int = 0  # unreadable files dropped under bad_images=skip (train and test together)
+    pretrain: ImageSource | None = None
 
     @property
     def num_classes(self) -> int:
@@ -162,7 +188,8 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_split(split_dir: Path, classes: list[str]) -> FileSource:
+def scan_split(split_dir: Path, classes: list[str]) -> FileSource:
+    """The image files under ``split_dir/<class>/`` (at any depth), labelled by their class's index."""
     paths: list[Path] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
@@ -177,11 +204,39 @@ def _scan_split(split_dir: Path, classes: list[str]) -> FileSource:
     return FileSource(paths, labels)
 
 
-def _folder_splits(root: Path, layout: str, bad_images: str) -> tuple[FileSource, FileSource, list[str], int]:
+def first_few(names: Sequence[str], shown: int = 5) -> str:
+    """``a, b, c and 7 more``: enough names to find the problem, on one line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def empty_classes(labels: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """The classes without an image: a probe or k-NN over them would be silently wrong."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return [cls for cls, count in zip(classes, counts, strict=False) if count == 0]
+
+
+def drop_bad_images(sources: list[FileSource], bad_images: str) -> tuple[list[FileSource], int]:
+    """Under ``bad_images="skip"`` the sources without their unreadable files (one warning names them)
+    and how many went; under ``error`` the sources as they are (a bad file fails when it is read)."""
+    if bad_images != "skip":
+        return sources, 0
+    checked = [drop_unreadable(source) for source in sources]
+    skipped = [item for _, dropped in checked for item in dropped]
+    kept = [source for source, _ in checked]
+    warn_skipped(skipped, sum(len(source) for source in kept) + len(skipped))
+    return kept, len(skipped)
+
+
+def folder_splits(
+    root: Path, layout: str, bad_images: str, classes: Sequence[str] | None = None
+) -> tuple[FileSource, FileSource, list[str], int]:
     """Read ``root/train/<class>`` and ``root/{val|test}/<class>``; errors say where and what layout.
 
-    Under ``bad_images="skip"`` unreadable files are dropped (and counted, the last item) before the
-    checks that every class still has images.
+    ``classes`` None: every class folder of train/ (val/ may hold no other); given: exactly those, each
+    needed in both splits (ImageNet-100 read from a whole ImageNet tree). Under ``bad_images="skip"``
+    unreadable files are dropped (and counted, the last item) before the checks that every class still
+    has images.
     """
     where = f"expected {layout}"
     if not root.is_dir():
@@ -191,29 +246,59 @@ def _folder_splits(root: Path, layout: str, bad_images: str) -> tuple[FileSource
     if not train_dir.is_dir() or eval_dir is None:
         missing = "train/" if not train_dir.is_dir() else "val/ or test/"
         raise SSLBenchError(f"{root}: no {missing} folder; {where}")
-    classes = [p.name for p in _class_dirs(train_dir)]
-    if not classes:
-        raise SSLBenchError(f"{train_dir}: no class folders; {where}")
-    extra = sorted({p.name for p in _class_dirs(eval_dir)} - set(classes))
-    if extra:
-        raise SSLBenchError(f"{eval_dir}: classes {extra} are not in {train_dir} (classes: {classes})")
-    train, test = _scan_split(train_dir, classes), _scan_split(eval_dir, classes)
-    skipped: list[tuple[str, str]] = []
-    if bad_images == "skip":
-        (train, skipped_train), (test, skipped_test) = drop_unreadable(train), drop_unreadable(test)
-        skipped = skipped_train + skipped_test
-        warn_skipped(skipped, len(train) + len(test) + len(skipped))
+    if classes is None:
+        classes = [p.name for p in _class_dirs(train_dir)]
+        if not classes:
+            raise SSLBenchError(f"{train_dir}: no class folders; {where}")
+        extra = sorted({p.name for p in _class_dirs(eval_dir)} - set(classes))
+        if extra:
+            raise SSLBenchError(f"{eval_dir}: classes {extra} are not in {train_dir} (classes: {classes})")
+    else:
+        classes = list(classes)
+        for split_dir in (train_dir, eval_dir):
+            absent = [cls for cls in classes if not (split_dir / cls).is_dir()]
+            if absent:
+                count = f"{len(absent)} of the {len(classes)} class folders"
+                raise SSLBenchError(f"{split_dir}: {count} are missing ({first_few(absent)}); {where}")
+    scanned = [scan_split(train_dir, classes), scan_split(eval_dir, classes)]
+    (train, test), skipped = drop_bad_images(scanned, bad_images)
     images = f"{'readable ' if skipped else ''}images ({', '.join(IMAGE_EXTENSIONS)})"
-    empty = [cls for label, cls in enumerate(classes) if not np.any(train.labels == label)]
+    empty = empty_classes(train.labels, classes)
     if empty:
         raise SSLBenchError(f"{train_dir}: class folders {empty} hold no {images}")
     if len(test) == 0:
         raise SSLBenchError(f"{eval_dir}: no {images}; {where}")
-    return train, test, classes, len(skipped)
+    return train, test, classes, skipped
 
 
-def _skipped_note(skipped: int) -> str:
+def skipped_note(skipped: int) -> str:
     return f", {skipped} unreadable skipped" if skipped else ""
+
+
+def largest_side(paths: Sequence[Path], samples: int = SIZE_SAMPLES) -> int | None:
+    """The largest side among a few images spread over ``paths`` (sorted by class), read from their
+    headers alone; None when none of them opens (the bad_images policy deals with such files later)."""
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(samples, len(paths))).round().astype(int))
+    sides = []
+    for index in picks:
+        try:
+            with Image.open(paths[index]) as img:
+                sides.append(max(img.size))
+        except _HEADER_ERRORS:
+            continue
+    return max(sides) if sides else None
+
+
+def folder_image_size(paths: Sequence[Path], requested: int | None) -> tuple[int, str]:
+    """The image size of an image folder and why: as set, else the images' own when they are small (so
+    64 px images are not blown up to 224 px and get the small-image recipes), else 224 px."""
+    if requested is not None:
+        return requested, f"image size {requested} px, as set"
+    side = largest_side(paths)
+    if side is not None and side <= SMALL_IMAGE_MAX:
+        return side, f"image size {side} px, the images' own"
+    seen = f"images up to {side} px" if side else "no image header readable"
+    return LARGE_IMAGE_SIZE, f"image size {LARGE_IMAGE_SIZE} px ({seen}, over {SMALL_IMAGE_MAX} px)"
 
 
 def _load_imagefolder(path: str, image_size: int | None, bad_images: str) -> DatasetSplits:
@@ -221,125 +306,13 @@ def _load_imagefolder(path: str, image_size: int | None, bad_images: str) -> Dat
         raise SSLBenchError("imagefolder needs a path: use --dataset imagefolder:PATH")
     root = Path(path).expanduser().resolve()
     layout = "PATH/train/<class>/*.jpg and PATH/val/<class>/ (or PATH/test/<class>/)"
-    train, test, classes, skipped = _folder_splits(root, layout, bad_images)
+    train, test, classes, skipped = folder_splits(root, layout, bad_images)
     eval_name = "val" if (root / "val").is_dir() else "test"
-    counts = f"{len(classes)} classes, {len(train)} train / {len(test)} {eval_name}{_skipped_note(skipped)}"
+    counts = f"{len(classes)} classes, {len(train)} train / {len(test)} {eval_name}{skipped_note(skipped)}"
+    size, why = folder_image_size(train.paths, image_size)
     return DatasetSplits(
-        f"imagefolder:{root}", train, test, classes, image_size or 224, IMAGENET_MEAN, IMAGENET_STD,
-        f"ImageFolder {root} ({counts})", skipped,
-    )  # fmt: skip
-
-
-def _decode_member(blob: bytes, name: str) -> np.ndarray:
-    arr = np.asarray(read_rgb(io.BytesIO(blob), name, SKIP_HINT), dtype=np.uint8)
-    if arr.shape != (32, 32, 3):
-        raise SSLBenchError(f"{name}: expected a 32x32 CIFAR-10 image, got {arr.shape[1]}x{arr.shape[0]}")
-    return arr
-
-
-ZipSplits = tuple[ArraySource, ArraySource, list[str], list[tuple[str, str]]]
-
-
-@functools.lru_cache(maxsize=1)
-def _cifar10_zip(path: Path, stamp: tuple[float, int], bad_images: str) -> ZipSplits | None:
-    """Decode every member once (cached while the file is unchanged); ``None`` when it holds no images.
-
-    Under ``bad_images="skip"`` a member that does not decode is left out and listed (the last item).
-    """
-    members: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for name in sorted(zf.namelist()):
-                match = _ZIP_MEMBER.match(name)
-                if match and name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name:
-                    members[match[1]].append((match[2], name))
-            blobs = {name: zf.read(name) for split in members.values() for _, name in split}
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise SSLBenchError(f"{path}: not a readable zip ({exc})") from exc
-    if not members["train"] or not members["test"]:
-        return None
-    classes = sorted({cls for cls, _ in members["train"]})
-    extra = sorted({cls for cls, _ in members["test"]} - set(classes))
-    if extra:
-        raise SSLBenchError(f"{path}: test classes {extra} are not among the train classes {classes}")
-    index = {cls: i for i, cls in enumerate(classes)}
-    sources = []
-    skipped: list[tuple[str, str]] = []
-    for split in ("train", "test"):
-        images, labels = [], []
-        for cls, name in members[split]:
-            try:
-                images.append(_decode_member(blobs[name], f"{path}:{name}"))
-            except BadImageError as exc:
-                if bad_images != "skip":
-                    raise
-                skipped.append((exc.file, exc.reason))
-                continue
-            labels.append(index[cls])
-        if not images:
-            raise SSLBenchError(f"{path}: no readable {split} images (all {len(members[split])} skipped)")
-        sources.append(ArraySource(np.stack(images), labels))
-    return sources[0], sources[1], classes, skipped
-
-
-Cifar10Found = tuple[ImageSource, ImageSource, list[str], int, str]  # ..., classes, skipped files, origin
-
-
-def _cifar10_from(root: Path, download: bool, bad_images: str = "error") -> Cifar10Found | None:
-    """Try one candidate root; ``None`` means nothing usable is there (so the next place is tried)."""
-    if root.is_file():
-        stat = root.stat()
-        found = _cifar10_zip(root, (stat.st_mtime, stat.st_size), bad_images)
-        if found is None:
-            return None
-        train, test, classes, skipped = found
-        warn_skipped(skipped, len(train) + len(test) + len(skipped))
-        return train, test, classes, len(skipped), f"zip {root}"
-    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
-        layout = "train/<class>/*.jpg and test/<class>/*.jpg"
-        return (*_folder_splits(root, layout, bad_images), f"ImageFolder tree {root}")
-    if not download and not (root / "cifar-10-batches-py").is_dir():
-        return None
-    import torchvision.datasets  # only here: it is slow to import and most runs never need it
-
-    try:
-        sets = [torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (True, False)]
-    except (RuntimeError, OSError) as exc:
-        raise SSLBenchError(f"{root}: could not load torchvision CIFAR-10 ({exc})") from exc
-    train, test = (ArraySource(np.asarray(s.data, dtype=np.uint8), s.targets) for s in sets)
-    return train, test, list(sets[0].classes), 0, f"torchvision folder {root}"
-
-
-def _load_cifar10(root: str | None, image_size: int | None, download: bool, bad_images: str) -> DatasetSplits:
-    candidates = [root] if root is not None else list(CIFAR10_DEFAULT_ROOTS)
-    paths = [Path(c).expanduser().resolve() for c in candidates]
-    found = None
-    looked: list[str] = []
-    for path in paths:
-        try:
-            found = _cifar10_from(path, False, bad_images) if path.exists() else None
-        except BadImageError:  # CIFAR-10 is there, but a file of it is damaged: that is the message
-            raise
-        except SSLBenchError as exc:
-            looked.append(f"{path} (unusable: {exc})")
-            continue
-        if found:
-            break
-        looked.append(f"{path} ({'no CIFAR-10 data there' if path.exists() else 'missing'})")
-    if found is None and download:
-        target = paths[0] if root is not None else paths[-1]
-        found = _cifar10_from(target, True, bad_images)
-    if found is None:
-        raise SSLBenchError(
-            f"CIFAR-10 not found; looked in: {'; '.join(looked)}. Get it with --download (torchvision, "
-            "needs network), or point --data-root PATH at a zip of train/<class>/*.jpg and "
-            "test/<class>/*.jpg, an ImageFolder tree with train/ and test/, or a torchvision folder "
-            "containing cifar-10-batches-py"
-        )
-    train, test, classes, skipped, origin = found
-    return DatasetSplits(
-        "cifar10", train, test, classes, image_size or 32, CIFAR10_MEAN, CIFAR10_STD,
-        f"CIFAR-10 ({len(train)} train / {len(test)} test{_skipped_note(skipped)}) from {origin}", skipped,
+        f"imagefolder:{root}", train, test, classes, size, IMAGENET_MEAN, IMAGENET_STD,
+        f"ImageFolder {root} ({counts}; {why})", skipped,
     )  # fmt: skip
 
 
@@ -351,15 +324,20 @@ def load_dataset(
     *,
     bad_images: str = "error",
 ) -> DatasetSplits:
-    """Resolve a dataset name (see ``DATASET_CHOICES``) to train/test sources and their statistics.
+    """Resolve a dataset name (see ``DATASET_CHOICES``) to its splits and their statistics.
 
+    ``root`` (``--data-root``): where a named dataset is; None looks in its default places.
+    ``image_size`` None: the dataset's own. ``download``: let torchvision fetch CIFAR-10/100.
     ``bad_images`` (``error`` | ``skip``): what an unreadable image file does (``sslbench.data.image_files``).
     """
     check_policy(bad_images)
+    # Imported here: the named loaders build on the types above, so the module cannot load before them.
+    from sslbench.data.named_datasets import NAMED_DATASETS
+
     if name == "embedded":
         return _load_embedded(image_size)
-    if name == "cifar10":
-        return _load_cifar10(root, image_size, download, bad_images)
+    if name in NAMED_DATASETS:
+        return NAMED_DATASETS[name](root, image_size, download, bad_images)
     if name.startswith("imagefolder:"):
         return _load_imagefolder(name.split(":", 1)[1], image_size, bad_images)
     if name == "imagefolder":
