@@ -13,7 +13,7 @@ from torch import Tensor
 from sslbench.base.errors import SSLBenchError
 from sslbench.evaluation.features import extract_features
 from sslbench.evaluation.knn import knn_classify
-from sslbench.evaluation.linear_probe import LinearProbeResult, _holdout_split, _train_probe, linear_probe
+from sslbench.evaluation.linear_probe import LinearProbeResult, _train_probe, holdout_split, linear_probe
 
 
 def _clusters(n_per_class: int, num_classes: int = 5, dim: int = 16, spread: float = 0.5, seed: int = 0):
@@ -193,11 +193,11 @@ def test_linear_probe_single_lr_without_holdout_and_bad_input() -> None:
 
 def test_holdout_split_is_stratified_and_falls_back_for_tiny_classes() -> None:
     labels = torch.arange(4).repeat_interleave(20)
-    fit, val = _holdout_split(labels, 0.1, torch.Generator().manual_seed(0))
+    fit, val = holdout_split(labels, 0.1, torch.Generator().manual_seed(0))
     assert torch.equal(torch.cat([fit, val]).sort().values, torch.arange(80))
     assert torch.bincount(labels[val], minlength=4).tolist() == [2, 2, 2, 2]
     tiny = torch.arange(10).repeat_interleave(4)  # 0.1 * 4 rounds to 0 in every class
-    fit, val = _holdout_split(tiny, 0.1, torch.Generator().manual_seed(0))
+    fit, val = holdout_split(tiny, 0.1, torch.Generator().manual_seed(0))
     assert val.numel() == 4 and fit.numel() == 36
     feats = torch.eye(10)[tiny] * 5 + torch.randn(40, 10, generator=torch.Generator().manual_seed(1))
     res = linear_probe(feats, tiny, feats, tiny, num_classes=10, epochs=5)

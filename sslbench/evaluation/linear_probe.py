@@ -22,9 +22,12 @@ class LinearProbeResult:
     top1: float  # test top-1 %, of the probe retrained on the full train split with the chosen lr
     best_lr: float
     val_top1: dict[float, float] = field(default_factory=dict)  # held-out accuracy per lr in the sweep
+    # the retrained probe's label for every test row (CPU, int64): what a confidence interval resamples;
+    # left out of == and repr, which compare and show the numbers
+    test_predictions: Tensor | None = field(default=None, compare=False, repr=False)
 
 
-def _holdout_split(labels: Tensor, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def holdout_split(labels: Tensor, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Seeded split, stratified so every class with two or more samples lands in both parts.
 
     With very small classes every per-class share rounds to zero; a random split of the same fraction
@@ -46,13 +49,17 @@ def _holdout_split(labels: Tensor, val_fraction: float, generator: torch.Generat
     return fit.sort().values, val.sort().values
 
 
-def _accuracy(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor) -> float:
-    """Top-1 % scored in chunks, so a large test split never materialises all logits at once."""
-    correct = 0
-    for start in range(0, features.shape[0], _EVAL_CHUNK):
-        logits = features[start : start + _EVAL_CHUNK] @ weight.T + bias
-        correct += int((logits.argmax(dim=1) == labels[start : start + _EVAL_CHUNK]).sum())
-    return 100.0 * correct / features.shape[0]
+def _predict(weight: Tensor, bias: Tensor, features: Tensor) -> Tensor:
+    """Predicted labels scored in chunks, so a large test split never materialises all logits at once."""
+    chunks = [
+        (features[start : start + _EVAL_CHUNK] @ weight.T + bias).argmax(dim=1)
+        for start in range(0, features.shape[0], _EVAL_CHUNK)
+    ]
+    return torch.cat(chunks)
+
+
+def _accuracy(predicted: Tensor, labels: Tensor) -> float:
+    return 100.0 * int((predicted == labels).sum()) / labels.shape[0]
 
 
 def _train_probe(
@@ -149,7 +156,7 @@ def linear_probe(
         best_lr = sweep[0]  # nothing to choose between, so no held-out part is needed
     else:
         split_gen = torch.Generator().manual_seed(seed)
-        fit_idx, val_idx = _holdout_split(train_labels.long().cpu(), val_fraction, split_gen)
+        fit_idx, val_idx = holdout_split(train_labels.long().cpu(), val_fraction, split_gen)
         if val_fraction == 0.0 or val_idx.numel() == 0:
             raise SSLBenchError(
                 f"val_fraction={val_fraction} with {train_labels.numel()} training samples leaves nothing "
@@ -158,7 +165,13 @@ def linear_probe(
         fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
         for lr in sweep:
             weight, bias = _train_probe(train_x[fit_idx], train_y[fit_idx], num_classes, lr, **hyper)
-            val_top1[lr] = _accuracy(weight, bias, train_x[val_idx], train_y[val_idx])
+            val_top1[lr] = _accuracy(_predict(weight, bias, train_x[val_idx]), train_y[val_idx])
         best_lr = max(sweep, key=lambda lr: (val_top1[lr], -lr))
     weight, bias = _train_probe(train_x, train_y, num_classes, best_lr, **hyper)
-    return LinearProbeResult(top1=_accuracy(weight, bias, test_x, test_y), best_lr=best_lr, val_top1=val_top1)
+    predicted = _predict(weight, bias, test_x)
+    return LinearProbeResult(
+        top1=_accuracy(predicted, test_y),
+        best_lr=best_lr,
+        val_top1=val_top1,
+        test_predictions=predicted.cpu().long(),
+    )
