@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,8 @@ def _pair_label(folder: Path) -> str:
     summary.png; the folder name for a pair that died before writing eval.json."""
     try:
         ev = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
-        return f"{row_label(ev)}/{ev['arch']}"
+        seed = f" seed {ev['seed']}" if re.search(r"-seed\d+$", folder.name) else ""  # one of --seeds
+        return f"{row_label(ev)}/{ev['arch']}{seed}"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return folder.name
 

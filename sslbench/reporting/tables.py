@@ -1,8 +1,16 @@
 """Turn finished run folders into the comparison table, protocol notes and plot.
 
-The report reads only ``results/<run>/<method>-<arch>/eval.json`` files, so it can be rerun (or run on
-several runs merged) without touching a GPU. Every number it prints travels with the protocol that
-produced it: a table without its protocol is how unfair comparisons get published.
+The report reads only ``results/<run>/<pair>/eval.json`` files (``<method>-<arch>``, or
+``<method>-<arch>-seed<N>`` for one seed of several), so it can be rerun (or run on several runs merged)
+without touching a GPU. Every number it prints travels with the protocol that produced it and, where
+the evaluation recorded one, its 95% interval: a table without them is how unfair comparisons and
+differences smaller than the test set can tell get published. How seeds are aggregated and when a cell
+is marked best or ``≈`` the untrained backbone is in ``sslbench.reporting.intervals``.
+
+summary.csv holds one row per (row label, arch, seed): the seed, each k-NN top-1 with its interval
+(``knn_<k>``, ``knn_<k>_lo``, ``knn_<k>_hi``), the linear top-1 with its interval (``linear_top1``,
+``linear_lo``, ``linear_hi``), foreign weights (``weights_*``), low-shot results
+(``low_shot:<setting>:<field>``), diagnostics and every protocol field.
 """
 
 from __future__ import annotations
@@ -15,50 +23,92 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from sslbench.base.atomic_io import atomic_path, make_folder, write_text_atomic
 from sslbench.base.collapse_criteria import DIAGNOSTIC_KEYS
 from sslbench.base.errors import SSLBenchError
+from sslbench.reporting.intervals import (
+    LINEAR_NOTE,
+    LOW_SHOT,
+    LOW_SHOT_NOTE,
+    NOT_APPLICABLE,
+    cell_notes,
+    comparison_table,
+    headline_knn,
+    is_collapsed,
+    is_failed,
+    linear_note,
+    low_shot_table,
+    number,
+    pair_groups,
+    row_label,
+    usual_n,
+)
+from sslbench.reporting.summary_plot import summary_plot_data, write_summary_plot
 
-DEFAULT_KNN_K = 20
-MISSING = "–"
-FAILED = "failed"
-NOT_APPLICABLE = "not applicable"  # a method that does not train the arch's family (the reason is kept)
-METRICS = ["linear", "k-NN"]
+# What other modules import from here (the cells themselves are built in intervals.py).
+__all__ = [
+    "BASE_COLUMNS", "KEY_PROTOCOL", "LINEAR_NOTE", "comparison_table", "format_table_text", "headline_knn",
+    "linear_note", "load_results", "low_shot_table", "protocol_summary", "row_label", "write_report",
+]  # fmt: skip
+KNN_KS = ("10", "20", "100", "200")
 BASE_COLUMNS = [
-    "run", "method", "variant", "arch", "status", "error", "method_source", "collapsed", "collapse_reasons",
-    "knn_10", "knn_20", "knn_100", "knn_200",
-    "linear_top1", "linear_best_lr", "train_wall_s", "train_images_per_s", "final_loss",
+    "run", "method", "variant", "arch", "seed", "status", "error", "method_source", "collapsed",
+    "collapse_reasons", *[f"knn_{k}{part}" for k in KNN_KS for part in ("", "_lo", "_hi")],
+    "linear_top1", "linear_lo", "linear_hi", "linear_best_lr", "train_wall_s", "train_images_per_s",
+    "final_loss",
 ]  # fmt: skip
 # Shown first and always, because these are the knobs that most change the numbers.
 KEY_PROTOCOL = [
     "knn_k", "knn_temperature", "feature_source", "crops", "epochs", "batch_size", "precision", "dataset",
     "seed",
 ]  # fmt: skip
-_KNN_COLUMN = re.compile(r"^knn_\d+$")
+_RESULT_COLUMN = re.compile(r"^(knn_\d+(_lo|_hi)?|weights_.*|low_shot:.*)$")
+_Key = tuple[str, str, Any]  # (row label, arch, seed or None): one row of summary.csv
+_SEED_FOLDER = re.compile(r"^(?P<pair>.+)-seed(?P<seed>\d+)$")
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--",
+    "±": r"$\pm$", "≈": r"$\approx$",
 }  # fmt: skip
 
 
-def _num(value: Any) -> float:
-    """JSON nulls, missing keys and junk all become NaN so columns stay numeric."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+def _bounds(pair: Any) -> tuple[float, float]:
+    """A recorded ``[lo, hi]``; NaNs for anything else (older files have none)."""
+    if isinstance(pair, list | tuple) and len(pair) == 2:
+        return number(pair[0]), number(pair[1])
+    return math.nan, math.nan
+
+
+def _split_folder(name: str) -> tuple[str, str, int | None]:
+    """``dino-vit_s16-seed1`` -> ('dino', 'vit_s16', 1); a folder without a seed gives None."""
+    match = _SEED_FOLDER.match(name)
+    method, _, arch = (match["pair"] if match else name).rpartition("-")
+    return method, arch, int(match["seed"]) if match else None
+
+
+def _low_shot_fields(setting: str, entry: dict[str, Any]) -> dict[str, float]:
+    prefix = f"{LOW_SHOT}{setting}:"
+    fields = {f"{prefix}bank_images": number(entry.get("bank_images"))}
+    knn_ci = entry.get("knn_ci95") or {}
+    for k, value in (entry.get("knn") or {}).items():
+        lo, hi = _bounds(knn_ci.get(k))
+        fields |= {f"{prefix}knn_{k}": number(value), f"{prefix}knn_{k}_lo": lo, f"{prefix}knn_{k}_hi": hi}
+    linear = entry.get("linear") or {}
+    lo, hi = _bounds(linear.get("ci95"))
+    fields |= {f"{prefix}linear_top1": number(linear.get("top1")), f"{prefix}linear_lo": lo,
+               f"{prefix}linear_hi": hi,
+               f"{prefix}linear_best_lr": number(linear.get("best_lr"))}  # fmt: skip
+    return fields
 
 
 def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
-    """One eval.json -> one flat row; the folder name backs up a missing method/arch."""
-    fallback_method, _, fallback_arch = folder.name.rpartition("-")
-    knn = ev.get("knn") or {}
-    linear = ev.get("linear") or {}
-    train = ev.get("train") or {}
+    """One eval.json -> one flat row; the folder name backs up a missing method/arch/seed."""
+    fallback_method, fallback_arch, folder_seed = _split_folder(folder.name)
+    knn, knn_ci = ev.get("knn") or {}, ev.get("knn_ci95") or {}
+    linear, train = ev.get("linear") or {}, ev.get("train") or {}
     row: dict[str, Any] = {
         "run": run,
         "method": ev.get("method") or fallback_method or folder.name,
@@ -69,35 +119,36 @@ def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
         "method_source": ev.get("method_source"),
         "collapsed": bool((ev.get("collapse") or {}).get("collapsed", False)),
         "collapse_reasons": "; ".join((ev.get("collapse") or {}).get("reasons", [])),
-        "linear_top1": _num(linear.get("top1")),
-        "linear_best_lr": _num(linear.get("best_lr")),
-        "train_wall_s": _num(train.get("wall_s")),
-        "train_images_per_s": _num(train.get("images_per_s")),
-        "final_loss": _num(train.get("final_loss")),
+        "linear_top1": number(linear.get("top1")),
+        "linear_best_lr": number(linear.get("best_lr")),
+        "train_wall_s": number(train.get("wall_s")),
+        "train_images_per_s": number(train.get("images_per_s")),
+        "final_loss": number(train.get("final_loss")),
     }
-    for k in ("10", "20", "100", "200", *knn):
-        row[f"knn_{k}"] = _num(knn.get(k))
+    if ev.get("seed") is not None:
+        row["seed"] = ev["seed"]
+    row["linear_lo"], row["linear_hi"] = _bounds(linear.get("ci95"))
+    for k in (*KNN_KS, *knn):
+        row[f"knn_{k}"] = number(knn.get(k))
+        row[f"knn_{k}_lo"], row[f"knn_{k}_hi"] = _bounds(knn_ci.get(k))
+    weights = ev.get("weights")
+    for key, value in weights.items() if isinstance(weights, dict) else ():
+        row[f"weights_{key}"] = value
+    for setting, entry in (ev.get("low_shot") or {}).items():
+        if isinstance(entry, dict):
+            row |= _low_shot_fields(str(setting), entry)
     for key, value in (ev.get("collapse") or {}).items():
         if key not in ("collapsed", "reasons", "advice"):
-            row.setdefault(key, _num(value))
+            row.setdefault(key, number(value))
     for key, value in (ev.get("protocol") or {}).items():
         row.setdefault(key, value)
+    row.setdefault("seed", math.nan if folder_seed is None else folder_seed)
     return row
 
 
-def _collapsed(row: pd.Series) -> bool:
-    value = row.get("collapsed")
-    return isinstance(value, bool | np.bool_) and bool(value)
-
-
-def row_label(row: pd.Series | dict[str, Any]) -> str:
-    """``dino``, or ``dino [no_centering]`` for an ablation variant."""
-    variant = row.get("variant")
-    return f"{row['method']} [{variant}]" if isinstance(variant, str) and variant else str(row["method"])
-
-
 def _pair_folders(run_path: Path) -> list[Path]:
-    """Pair folders in the run's own method x arch order (from its config.yaml), others after by name."""
+    """Pair folders in the run's own method x arch order (from its config.yaml), seeds in number order,
+    others after by name."""
     order: list[str] = []
     config_path = run_path / "config.yaml"
     if config_path.is_file():
@@ -106,13 +157,53 @@ def _pair_folders(run_path: Path) -> list[Path]:
             order = [f"{m}-{a}" for m in config.get("methods", []) for a in config.get("archs", [])]
         except (yaml.YAMLError, AttributeError, TypeError):
             order = []
-    folders = [p for p in run_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(folders, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+
+    def position(folder: Path) -> tuple[int, str, int, str]:
+        method, arch, seed = _split_folder(folder.name)
+        pair = folder.name if seed is None else f"{method}-{arch}"
+        return (order.index(pair) if pair in order else len(order), pair, -1 if seed is None else seed,
+                folder.name)  # fmt: skip
+
+    return sorted((p for p in run_path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=position)
+
+
+def _read_eval(folder: Path) -> dict[str, Any] | None:
+    """A pair's eval.json, or None with a warning: one unreadable pair must not hide the others."""
+    eval_path = folder / "eval.json"
+    if not eval_path.is_file():
+        warnings.warn(f"skipping incomplete result folder '{folder}' (no eval.json)", stacklevel=3)
+        return None
+    try:
+        ev = json.loads(eval_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        warnings.warn(f"skipping unreadable '{eval_path}': {exc}", stacklevel=3)
+        return None
+    if not isinstance(ev, dict):
+        warnings.warn(f"skipping '{eval_path}': expected a JSON object", stacklevel=3)
+        return None
+    return ev
+
+
+def _keep(rows: dict[_Key, dict[str, Any]], key: _Key, row: dict[str, Any]) -> dict[_Key, dict[str, Any]]:
+    """Add a row, replacing (with a warning) the rows it cannot be told from: the same (label, arch,
+    seed), or any of its (label, arch) where one side has no seed (a file older than the seed field)."""
+    clash = [k for k in rows if k[:2] == key[:2] and (k[2] == key[2] or k[2] is None or key[2] is None)]
+    for old in clash:
+        which = f"{old[0]}/{old[1]}" + ("" if old[2] is None else f" seed {old[2]}")
+        warnings.warn(f"{which} from run '{rows[old]['run']}' is replaced by run '{row['run']}'",
+                      stacklevel=3)  # fmt: skip
+    if not clash:
+        return rows | {key: row}
+    # The replacement takes the first position, so the method order stays stable.
+    return {(key if k == clash[0] else k): (row if k == clash[0] else v) for k, v in rows.items()
+            if k not in clash[1:]}  # fmt: skip
 
 
 def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One flat row per (method, arch) across run folders; later folders override earlier ones."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    """One flat row per (row label, arch, seed) across run folders; a later folder's row replaces an
+    earlier one of the same key. The seed key is eval.json's top-level ``seed`` (or the folder's
+    ``-seed<N>``): files older than that field keep one row per (label, arch), as a rerun replaced them."""
+    rows: dict[_Key, dict[str, Any]] = {}
     searched: list[str] = []
     for run_dir in run_dirs:
         run_path = Path(run_dir)
@@ -121,26 +212,12 @@ def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             raise SSLBenchError(f"run folder '{run_path}' {problem} (expected results/<run>/)")
         searched.append(str(run_path))
         for folder in _pair_folders(run_path):
-            eval_path = folder / "eval.json"
-            if not eval_path.is_file():
-                warnings.warn(f"skipping incomplete result folder '{folder}' (no eval.json)", stacklevel=2)
-                continue
-            try:
-                ev = json.loads(eval_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                warnings.warn(f"skipping unreadable '{eval_path}': {exc}", stacklevel=2)
-                continue
-            if not isinstance(ev, dict):
-                warnings.warn(f"skipping '{eval_path}': expected a JSON object", stacklevel=2)
+            ev = _read_eval(folder)
+            if ev is None:
                 continue
             row = _flatten(run_path.name, folder, ev)
-            key = (row_label(row), row["arch"])
-            if key in rows:
-                warnings.warn(
-                    f"{key[0]}/{key[1]} from run '{rows[key]['run']}' is replaced by run '{row['run']}'",
-                    stacklevel=2,
-                )
-            rows[key] = row  # Replacing keeps the first position, so method order stays stable.
+            seed = ev.get("seed", _split_folder(folder.name)[2])
+            rows = _keep(rows, (row_label(row), row["arch"], seed), row)
     if not rows:
         raise SSLBenchError(f"no eval.json found in any <method>-<arch>/ folder under: {', '.join(searched)}")
     df = pd.DataFrame(list(rows.values()))
@@ -150,62 +227,8 @@ def load_results(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 def _protocol_keys(df: pd.DataFrame) -> list[str]:
     """Protocol columns are whatever is not a result column (keeps working after a CSV round trip)."""
-    return [
-        c
-        for c in df.columns
-        if c not in BASE_COLUMNS and c not in DIAGNOSTIC_KEYS and not _KNN_COLUMN.match(str(c))
-    ]
-
-
-def _headline_k(row: pd.Series) -> int:
-    k = _num(row.get("knn_k"))
-    return DEFAULT_KNN_K if math.isnan(k) else int(k)
-
-
-def headline_knn(row: pd.Series) -> float:
-    """Top-1 % of the k-NN at the headline k the pair recorded (NaN when it has none)."""
-    return _num(row.get(f"knn_{_headline_k(row)}"))
-
-
-def _failed(row: pd.Series) -> bool:
-    return str(row.get("status")).lower() == FAILED
-
-
-def _arch_labels(df: pd.DataFrame) -> dict[str, str]:
-    """ViT columns carry the patch size actually used, since a run may shrink it for small images."""
-    labels: dict[str, str] = {}
-    for arch in df["arch"].drop_duplicates():
-        patches = []
-        if "patch_size" in df.columns:
-            values = map(_num, df.loc[df["arch"] == arch, "patch_size"])
-            patches = sorted({int(p) for p in values if not math.isnan(p)})
-        labels[arch] = f"{arch} (patch {'/'.join(map(str, patches))})" if patches else str(arch)
-    return labels
-
-
-def _cell(value: float) -> str:
-    return MISSING if math.isnan(value) else f"{value:.1f}"
-
-
-def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Methods x (arch, metric) of formatted top-1 %, laid out like Table 2 of the DINO paper."""
-    labels = _arch_labels(df)
-    methods = list(dict.fromkeys(row_label(row) for _, row in df.iterrows()))
-    columns = pd.MultiIndex.from_product([list(labels.values()), METRICS], names=["arch", "metric"])
-    table = pd.DataFrame(MISSING, index=pd.Index(methods, name="method"), columns=columns, dtype=object)
-    for _, row in df.iterrows():
-        label = labels[row["arch"]]
-        if _failed(row):
-            cells = [FAILED, FAILED]
-        elif str(row.get("status")).lower() == NOT_APPLICABLE:
-            cells = ["n/a", "n/a"]
-        else:
-            cells = [_cell(_num(row.get("linear_top1"))), _cell(headline_knn(row))]
-            if _collapsed(row):
-                cells = [f"{cell} (collapsed)" for cell in cells]
-        for metric, cell in zip(METRICS, cells, strict=True):
-            table.loc[row_label(row), (label, metric)] = cell
-    return table
+    results = {*BASE_COLUMNS, *DIAGNOSTIC_KEYS}
+    return [c for c in df.columns if c not in results and not _RESULT_COLUMN.match(str(c))]
 
 
 def _fmt_value(value: Any) -> str:
@@ -217,63 +240,106 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+def _seeds_line(recorded: pd.DataFrame) -> str | None:
+    """``seeds: 0, 1, 2 (mean ± std over 3)`` when any row aggregates several seeds, else None."""
+    counts = [len(rows) for rows in pair_groups(recorded).values()]
+    if max(counts, default=1) < 2:
+        return None
+    seeds = sorted({number(s) for s in recorded["seed"] if not math.isnan(number(s))})
+    over = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} per row"
+    shown = ", ".join(_fmt_value(s) for s in seeds) or "not recorded"
+    return f"seeds: {shown} (mean ± std over {over})"
+
+
+def _varies(recorded: pd.DataFrame, key: str) -> str:
+    """``key: varies (dino/vit_s16=4, ...)``, one entry per row, per seed only where seeds differ."""
+    entries: dict[str, list[tuple[str, str]]] = {}
+    for _, row in recorded.iterrows():
+        entries.setdefault(f"{row_label(row)}/{row['arch']}", []).append(
+            (_fmt_value(row.get("seed")), _fmt_value(row[key])))  # fmt: skip
+    parts = []
+    for name, seeded in entries.items():
+        if len({value for _, value in seeded}) == 1:
+            parts.append(f"{name}={seeded[0][1]}")
+        else:
+            parts += [f"{name} seed {seed}={value}" for seed, value in seeded]
+    return f"{key}: varies ({', '.join(parts)})"
+
+
 def protocol_summary(df: pd.DataFrame) -> list[str]:
-    """'key: value' for shared settings and 'key: varies (...)' where pairs were run differently."""
+    """'key: value' for shared settings and 'key: varies (...)' where pairs were run differently; the
+    seeds line where rows aggregate several seeds."""
     keys = _protocol_keys(df)
-    applies = df["status"].astype(str).str.lower() != NOT_APPLICABLE if "status" in df else True
+    applies = ~df["status"].astype(str).str.lower().eq(NOT_APPLICABLE) if "status" in df else True
     recorded = df[df[keys].notna().any(axis=1) & applies] if keys else df.iloc[0:0]
+    seeds = _seeds_line(df[applies] if "status" in df else df) if "seed" in df else None
     lines: list[str] = []
     for key in KEY_PROTOCOL + [k for k in keys if k not in KEY_PROTOCOL]:
-        if key not in recorded.columns or recorded.empty:
+        if key == "seed" and seeds:
+            lines.append(seeds)
+        elif key not in recorded.columns or recorded.empty or recorded[key].isna().all():
             lines.append(f"{key}: not recorded")
-            continue
-        values = [_fmt_value(v) for v in recorded[key]]
-        if len(set(values)) == 1:
-            lines.append(f"{key}: {values[0]}")
+        elif len(values := {_fmt_value(v) for v in recorded[key]}) == 1:
+            lines.append(f"{key}: {values.pop()}")
         else:
-            labels = [f"{row_label(row)}/{row['arch']}" for _, row in recorded.iterrows()]
-            pairs = ", ".join(f"{label}={v}" for label, v in zip(labels, values, strict=True))
-            lines.append(f"{key}: varies ({pairs})")
+            lines.append(_varies(recorded, key))
     return lines
 
 
+def _seed_tag(df: pd.DataFrame, row: pd.Series) -> str:
+    return f" seed {_fmt_value(row.get('seed'))}" if usual_n(df) > 1 else ""
+
+
 def _failures(df: pd.DataFrame) -> list[str]:
-    failed = df[[_failed(row) for _, row in df.iterrows()]]
     lines = []
-    for r in failed.itertuples():
-        reason = _fmt_value(r.error)
+    for _, row in df[[is_failed(row) for _, row in df.iterrows()]].iterrows():
+        reason = _fmt_value(row["error"])
         reason = "no reason recorded" if reason == "n/a" else reason
-        lines.append(f"{r.method}/{r.arch} (run {r.run}): {reason}")
+        lines.append(f"{row['method']}/{row['arch']}{_seed_tag(df, row)} (run {row['run']}): {reason}")
     return lines
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    """Markdown with one header row per column: ``arch / metric``."""
+    """Markdown with one header row per column: ``arch / metric`` (``arch / setting / metric``)."""
     flat = table.copy()
-    flat.columns = [f"{arch} / {metric}" for arch, metric in table.columns]
+    flat.columns = [" / ".join(map(str, column)) for column in table.columns]
     align = ("left", *["right"] * len(flat.columns))
     return flat.to_markdown(tablefmt="github", disable_numparse=True, colalign=align)
 
 
-# Laid out like the DINO paper's Table 2, so say once what its linear column is not.
-LINEAR_NOTE = (
-    "Linear: sslbench's fast probe (SGD on cached, standardised frozen features with a short lr sweep), "
-    "not the reference's eval_linear.py (augmented images, 100 epochs); not comparable with the paper's "
-    "linear column."
-)
+def _weights_lines(df: pd.DataFrame) -> list[str]:
+    """Where evaluated weights came from, for rows that did not train here."""
+    if "weights_source" not in df:
+        return []
+    lines = []
+    for _, row in df[df["weights_source"].notna()].drop_duplicates("weights_source").iterrows():
+        parts = [_fmt_value(row.get(f"weights_{k}")) for k in ("format", "part") if f"weights_{k}" in row]
+        if str(row.get("weights_partial")).lower() == "true":  # a bool, or its text after a CSV round trip
+            parts.append("partial: not every backbone parameter came from the file")
+        lines.append(f"{row_label(row)}/{row['arch']}: {', '.join(p for p in parts if p != 'n/a')}")
+    return lines
 
 
 def format_table_text(df: pd.DataFrame) -> str:
-    """Table, protocol and failures together: what the CLI prints when a run ends."""
-    parts = [_markdown(comparison_table(df)), "", LINEAR_NOTE, "", "Protocol:"]
-    parts += [f"- {line}" for line in protocol_summary(df)]
+    """Tables, notes, protocol and failures together: what the CLI prints when a run ends."""
+    table, low_shot = comparison_table(df), low_shot_table(df)
+    parts = [_markdown(table)]
+    notes = cell_notes(df, [table, low_shot])
+    parts += ["", *notes] if notes else []
+    parts += ["", linear_note(df)]
+    if low_shot is not None:
+        parts += ["", LOW_SHOT_NOTE, "", _markdown(low_shot)]
+    parts += ["", "Protocol:", *[f"- {line}" for line in protocol_summary(df)]]
+    weights = _weights_lines(df)
+    parts += ["", "Weights evaluated from files:", *[f"- {line}" for line in weights]] if weights else []
     failures = _failures(df)
     if failures:
         parts += ["", "Failed pairs:", *[f"- {line}" for line in failures]]
-    collapsed = [r for _, r in df.iterrows() if _collapsed(r)]
+    collapsed = [r for _, r in df.iterrows() if is_collapsed(r)]
     if collapsed:
         parts += ["", "Collapsed pairs (embeddings or outputs no longer depend on the image):"]
-        parts += [f"- {row_label(r)}/{r['arch']}: {r['collapse_reasons']}" for r in collapsed]
+        parts += [f"- {row_label(r)}/{r['arch']}{_seed_tag(df, r)}: {r['collapse_reasons']}"
+                  for r in collapsed]  # fmt: skip
     if len(failures) == len(df):
         parts += ["", "No pair finished successfully, so there is nothing to compare or plot."]
     return "\n".join(parts) + "\n"
@@ -283,80 +349,38 @@ def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
+def _latex_cell(text: str) -> str:
+    """A markdown cell in LaTeX: escaped, its ``**best**`` mark as ``\\textbf{}``."""
+    if len(text) > 4 and text.startswith("**") and text.endswith("**"):
+        return f"\\textbf{{{_latex_escape(text[2:-2])}}}"
+    return _latex_escape(text)
+
+
+def _latex(table: pd.DataFrame, caption: str, label: str) -> str:
+    """Everything escaped here, by hand, so the bold marks survive as LaTeX."""
+    table = table.map(_latex_cell)
+    table.index = pd.Index([_latex_escape(str(v)) for v in table.index], name="method")
+    table.columns = pd.MultiIndex.from_tuples(
+        [tuple(_latex_escape(str(part)) for part in column) for column in table.columns],
+        names=table.columns.names,
+    )
+    return table.to_latex(caption=caption, label=label, escape=False, multicolumn_format="c",
+                          column_format="l" + "r" * len(table.columns))  # fmt: skip
+
+
 def _latex_table(df: pd.DataFrame) -> str:
-    table = comparison_table(df).replace(MISSING, "--")
-    caption = (
-        "Top-1 accuracy (\\%) of linear and k-NN evaluation. "
-        + _latex_escape(LINEAR_NOTE)
-        + " Protocol: "
-        + "; ".join(_latex_escape(line) for line in protocol_summary(df))
-        + "."
-    )
-    return table.to_latex(
-        caption=caption,
-        label="tab:sslbench",
-        escape=True,
-        multicolumn_format="c",
-        column_format="l" + "r" * len(table.columns),
-    )
-
-
-def _plot_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Long format of successful pairs only: failed or missing numbers have no bar to draw."""
-    labels = _arch_labels(df)
-    records = []
-    for _, row in df.iterrows():
-        if _failed(row):
-            continue
-        for panel, value in (("k-NN", headline_knn(row)), ("linear", _num(row.get("linear_top1")))):
-            if not math.isnan(value):
-                records.append({"method": row_label(row), "arch": labels[row["arch"]], "panel": panel,
-                                "top1": value})  # fmt: skip
-    return pd.DataFrame(records, columns=["method", "arch", "panel", "top1"])
-
-
-def _write_plot(df: pd.DataFrame, path: Path) -> bool:
-    """Two panels (k-NN, linear); drawn on an Agg canvas so no display or global backend is touched."""
-    import seaborn as sns
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    data = _plot_frame(df)
-    if data.empty:
-        return False
-    methods = list(dict.fromkeys(row_label(row) for _, row in df.iterrows()))
-    archs = list(_arch_labels(df).values())
-    ks = sorted({_headline_k(row) for _, row in df.iterrows()})
-    temps = sorted({_fmt_value(t) for t in df["knn_temperature"]}) if "knn_temperature" in df else []
-    knn_title = f"k-NN (k={'/'.join(map(str, ks))}" + (f", T={'/'.join(temps)})" if temps else ")")
-    fig = Figure(figsize=(max(8.0, 1.6 * len(methods) * 2), 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
-    handles: list[Any] = []
-    names: list[str] = []
-    for ax, panel, title in zip(axes, METRICS[::-1], [knn_title, "Linear probe"], strict=True):
-        part = data[data["panel"] == panel]
-        ax.set_title(title)
-        ax.set_xlabel("method")
-        ax.set_ylabel("top-1 accuracy (%)")
-        if part.empty:
-            ax.text(0.5, 0.5, f"no {panel} results", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([])
-            continue
-        sns.barplot(data=part, x="method", y="top1", hue="arch", order=methods, hue_order=archs, ax=ax)
-        for container in ax.containers:
-            ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
-        handles, names = ax.get_legend_handles_labels()
-        ax.get_legend().remove()
-    # One legend under both panels, so it never hides a bar.
-    fig.legend(handles, names, title="arch", loc="outside lower center", ncol=max(1, len(archs)))
-    axes[0].set_ylim(0, data["top1"].max() * 1.15 + 2)
-    failed = [f"{r.method}/{r.arch}" for _, r in df.iterrows() if _failed(r)]
-    note = f"\nfailed, not shown: {', '.join(failed)}" if failed else ""
-    fig.suptitle(f"sslbench: top-1 accuracy by method and architecture{note}")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return True
+    table, low_shot = comparison_table(df), low_shot_table(df)
+    caption = " ".join(
+        ["Top-1 accuracy (\\%) of linear and k-NN evaluation.",
+         *(_latex_escape(note.rstrip(".") + ".") for note in cell_notes(df, [table, low_shot])),
+         _latex_escape(linear_note(df)),
+         "Protocol: " + "; ".join(_latex_escape(line) for line in protocol_summary(df)) + "."]
+    )  # fmt: skip
+    text = _latex(table, caption, "tab:sslbench")
+    if low_shot is not None:
+        caption = "Low-shot top-1 accuracy (\\%); cells and marks as in Table~\\ref{tab:sslbench}."
+        text += "\n" + _latex(low_shot, caption, "tab:sslbench-low-shot")
+    return text
 
 
 def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
@@ -371,7 +395,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     write_text_atomic(md_path, f"# sslbench results ({runs})\n\n{format_table_text(df)}")
     write_text_atomic(tex_path, _latex_table(df))
     written = [csv_path, md_path, tex_path]
-    if _write_plot(df, png_path):
+    if write_summary_plot(summary_plot_data(df), png_path):
         written.append(png_path)
     else:
         png_path.unlink(missing_ok=True)  # A plot left from an earlier report would contradict this one.

@@ -18,7 +18,7 @@ from sslbench.base.atomic_io import atomic_path, write_text_atomic
 from sslbench.base.errors import SSLBenchError
 from sslbench.config import RunConfig, build_dataclass, parse_set
 from sslbench.method.registry import get_method
-from sslbench.reporting.tables import LINEAR_NOTE, headline_knn, protocol_summary
+from sslbench.reporting.tables import headline_knn, linear_note, protocol_summary
 from sslbench.training.experiment import Variant
 
 
@@ -120,7 +120,8 @@ def write_ablation_table(table: pd.DataFrame, results: pd.DataFrame, out_dir: Pa
     for column in ["k-NN", "linear", *DIAGNOSTICS]:
         shown[column] = shown[column].map(lambda v: "–" if v is None or v != v else f"{v:.3g}")
     shown["collapsed"] = shown["collapsed"].map({True: "yes", False: "no"})
-    text = f"# Ablation of {method}\n\n{shown.to_markdown(index=False)}\n\n{LINEAR_NOTE}\n\nProtocol:\n"
+    note = linear_note(results)
+    text = f"# Ablation of {method}\n\n{shown.to_markdown(index=False)}\n\n{note}\n\nProtocol:\n"
     text += "\n".join(f"- {line}" for line in protocol_summary(results)) + "\n"
     write_text_atomic(out_dir / "ablation.md", text)
     return text
