@@ -45,6 +45,7 @@ SGD_RECIPE = PaperRecipe(
 @register_method("supervised")
 class Supervised(Method):
     paper = "supervised baseline (cross-entropy), as in Caron et al. 2021, Table 2"
+    needs_labels = True
 
     @classmethod
     def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:

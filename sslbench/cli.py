@@ -1,4 +1,4 @@
-"""Command line: ``sslbench run | ablate | attention | list | report``.
+"""Command line: ``sslbench run | ablate | eval | attention | list | report``.
 
 A user-facing error (``SSLBenchError``) prints one message and exits with status 2, no traceback.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sslbench.base.errors import SSLBenchError
+from sslbench.cli_parser import build_parser
 from sslbench.config import PRESETS, RunConfig, load_preset, load_yaml, parse_set, preset_text, resolve_config
 from sslbench.data.datasets import DATASET_CHOICES
 from sslbench.method.registry import get_method, list_methods, load_plugin_file
@@ -27,141 +28,31 @@ if TYPE_CHECKING:
     from sslbench.training.experiment import PairTime, RunOutcome
 
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = True) -> None:
-    """The options ``run`` and ``ablate`` share: what to train on, and any config key."""
-    if with_methods:
-        command.add_argument(
-            "--methods", type=_csv, help="comma-separated, e.g. dino,byol, or all (default: the preset's)"
-        )
-    command.add_argument("--arch", dest="archs", type=_csv, help="comma-separated, e.g. resnet50,vit_s16")
-    command.add_argument("--dataset", help="embedded (default, offline), cifar10, or imagefolder:PATH")
-    command.add_argument("--data-root", help="where the dataset lives (a zip, an ImageFolder tree, ...)")
-    command.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="let torchvision download CIFAR-10 (needs network)",
-    )
-    command.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default: quick)")
-    command.add_argument("--config", help="a YAML file of config keys, applied over the preset")
-    command.add_argument(
-        "--recipe",
-        choices=["shared", "paper"],
-        help="shared: one schedule for every method (fair, the default); paper: each method's "
-        "published optimizer recipe",
-    )
-    command.add_argument("--epochs", type=int)
-    command.add_argument("--batch-size", type=int)
-    command.add_argument("--seed", type=int)
-    command.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    command.add_argument(
-        "--augment-on",
-        choices=["cpu", "gpu"],
-        help="where the view recipes run: cpu (PIL, in loader workers; default) or gpu (the whole batch "
-        "on the training device)",
-    )
-    command.add_argument(
-        "--compile", action="store_true", default=None, help="torch.compile the backbones (long GPU runs)"
-    )
-    command.add_argument("--out", help="the run folder (default: results/<date>-<preset>)")
-    command.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config key, e.g. train.lr=1e-3 or dino.teacher_temp=0.07 (repeatable)",
-    )
-    command.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        metavar="FILE.py",
-        help="load methods from a local file (repeatable)",
-    )
-    command.add_argument("--no-progress", action="store_true", help="no progress bar")
-    restart = command.add_mutually_exclusive_group()
-    restart.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out where it stopped (same config): finished pairs are kept, the "
-        "others go on from their newest checkpoint",
-    )
-    restart.add_argument(
-        "--force", action="store_true", help="delete what the run in --out holds and start it over"
-    )
-
-
-class _Parser(argparse.ArgumentParser):
-    """No abbreviated options, for the command and (as the class subcommands are made of) every
-    subcommand: the command printed to resume a run must mean what the user typed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sslbench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
-    _add_run_arguments(run)
-
-    ablate = commands.add_parser(
-        "ablate", help="train variants of one method under one schedule; ablation table"
-    )
-    ablate.add_argument("method", help="the method to ablate; dino has the DINO paper's table built in")
-    ablate.add_argument(
-        "--vary",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="a config key and its values, one variant each (repeatable), e.g. dino.teacher_temp=0.04,0.07",
-    )
-    _add_run_arguments(ablate, with_methods=False)
-
-    attention = commands.add_parser("attention", help="class-token attention maps of a run's ViT pairs (PNG)")
-    attention.add_argument("run", help="a run folder, e.g. results/20260101-120000-quick")
-    attention.add_argument(
-        "--images", nargs="+", default=[], help="image files (default: the run's test split)"
-    )
-    attention.add_argument(
-        "--masks", nargs="+", default=[], help="object masks, one per image: Jaccard scores"
-    )
-    attention.add_argument("--out", help="where to write the PNGs (default: RUN/attention/)")
-    attention.add_argument(
-        "--mass", type=float, default=0.6, help="attention mass the mask keeps (default 0.6)"
-    )
-
-    listing = commands.add_parser("list", help="methods (and where each came from), archs, datasets, presets")
-    listing.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        metavar="FILE.py",
-        help="list the methods of a local file too",
-    )
-
-    report = commands.add_parser("report", help="rebuild or merge tables from saved run folders")
-    report.add_argument("runs", nargs="+", help="run folders, e.g. results/20260101-120000-quick")
-    report.add_argument("--out", help="where to write the merged tables (default: the first run folder)")
-    return parser
-
-
 def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     layer: dict[str, Any] = {}
-    for key in ("methods", "archs", "dataset", "data_root", "download", "recipe", "seed", "device", "out"):
+    top_level = (
+        "methods",
+        "archs",
+        "dataset",
+        "data_root",
+        "download",
+        "recipe",
+        "seed",
+        "seeds",
+        "device",
+        "out",
+    )
+    for key in (*top_level, "image_size"):
         if getattr(args, key, None) is not None:
             layer[key] = getattr(args, key)
+    evaluation = {"dataset": args.eval_dataset, "data_root": args.eval_data_root}
+    if any(value is not None for value in evaluation.values()):
+        layer["eval"] = {key: value for key, value in evaluation.items() if value is not None}
     train_flags = (
-        ("epochs", args.epochs),
-        ("batch_size", args.batch_size),
-        ("augment_on", args.augment_on),
-        ("compile", args.compile),
+        ("epochs", getattr(args, "epochs", None)),
+        ("batch_size", getattr(args, "batch_size", None)),
+        ("augment_on", getattr(args, "augment_on", None)),
+        ("compile", getattr(args, "compile", None)),
     )
     train = {key: value for key, value in train_flags if value is not None}
     if train:
@@ -170,7 +61,7 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resolve_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> RunConfig:
-    for plugin in args.plugin:
+    for plugin in getattr(args, "plugin", []):
         load_plugin_file(plugin)
     layers = [load_preset(args.preset), {"preset": args.preset}]
     if args.config:
@@ -246,6 +137,22 @@ def command_ablate(args: argparse.Namespace) -> int:
     return _finish(
         outcome, write_ablation_table(table, outcome.results, outcome.out_dir, args.method), started
     )
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from sslbench.reporting.tables import format_table_text
+    from sslbench.training.weights_eval import WeightsSpec, evaluate_weights
+
+    if args.name and len(args.weights) > 1:
+        raise SSLBenchError("--name names one file's row: give one weights file, or leave --name out")
+    config = _resolve_run_config(args, {"methods": []})
+    specs = [WeightsSpec(source, args.name, args.part, args.allow_partial) for source in args.weights]
+    started = time.perf_counter()
+    restart = "force" if args.force else "new"
+    if args.force and not args.out:
+        raise SSLBenchError("--force needs the run folder: add --out PATH")
+    outcome = evaluate_weights(config, specs, restart, show_progress=not args.no_progress)
+    return _finish(outcome, format_table_text(outcome.results), started)
 
 
 def command_attention(args: argparse.Namespace) -> int:
@@ -341,7 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
     try:
-        commands = {"run": command_run, "ablate": command_ablate, "attention": command_attention}
+        commands = {
+            "run": command_run,
+            "ablate": command_ablate,
+            "eval": command_eval,
+            "attention": command_attention,
+        }
         if args.command in commands:
             try:
                 return commands[args.command](args)

@@ -22,6 +22,7 @@ import torch
 from sslbench.base.precision import precision_choice
 from sslbench.cli import main
 from sslbench.config import load_yaml, resolve_config
+from sslbench.data.datasets import DATASET_CHOICES
 from sslbench.method.registry import get_method, list_methods
 
 TINY = [
@@ -265,7 +266,7 @@ def test_list_shows_methods_archs_datasets_presets() -> None:
     for arch in ["resnet18", "resnet50", "vit_tiny16", "vit_s16", "vit_b16"]:
         assert re.search(rf"^  {arch}\s+\S", body["archs"], re.M)
     assert "timm vit_tiny_patch16_224" in body["archs"]
-    assert body["datasets"].split() == ["embedded", "cifar10", "imagefolder:PATH"]
+    assert body["datasets"].split() == list(DATASET_CHOICES)
     for preset in ["quick", "cifar10", "imagenet", "imagenet-boost"]:
         assert re.search(rf"^  {preset}\s+{preset}: ", body["presets"], re.M)
 
@@ -283,7 +284,7 @@ def _single_error(stderr: str) -> str:
 ERRORS = {
     "unknown method": (["--methods", "dnio"], "unknown method 'dnio' (did you mean 'dino'?)"),
     "unknown arch": (["--arch", "vit_tiny"], "unknown arch 'vit_tiny' (did you mean 'vit_tiny16'?)"),
-    "unknown dataset": (["--dataset", "cifar100"], "unknown dataset 'cifar100' (did you mean 'cifar10'?)"),
+    "unknown dataset": (["--dataset", "cifar11"], "unknown dataset 'cifar11' (did you mean 'cifar10'?)"),
     "unknown preset": (["--preset", "quik"], "unknown preset 'quik' (did you mean 'quick'?)"),
     "misspelt key": (["--set", "train.epoch=3"], "key 'train.epoch'; did you mean 'train.epochs'?"),
     "misspelt method key": (["--set", "dino.out_dimm=3"], "did you mean 'dino.out_dim'?"),

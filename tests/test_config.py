@@ -229,7 +229,7 @@ def test_a_far_off_nested_key_gets_no_misleading_suggestion(assignment: str, met
         ("train.epochs=true", "train.epochs", "int"),
         ("train.lr=fast", "train.lr", "float"),
         ("eval.knn_k=[10,x]", "eval.knn_k", "list[int]"),
-        ("eval.linear=maybe", "eval.linear", "bool"),
+        ("eval.linear=[1]", "eval.linear", "bool | str"),
         ("seed=[1]", "seed", "int"),
     ],
 )

@@ -60,10 +60,20 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_headline_k: int = 20
     knn_temperature: float = 0.07
-    linear: bool = True
+    # true or probe: the fast probe on cached features | paper: the DINO paper's linear evaluation
+    # (augmented images through the frozen network, SGD, an lr sweep) | false: none
+    linear: bool | str = True
     linear_epochs: int = 100
     linear_lrs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     linear_val_fraction: float = 0.1
+    linear_paper_epochs: int = 100  # eval.linear=paper: the reference's eval_linear.py --epochs
+    linear_paper_batch_size: int = 1024  # its 128 per GPU on 8 GPUs
+    linear_paper_lrs: list[float] | None = None  # None: the protocol's own sweep
+    # Low-shot protocols on the same features: "1%", "10%" (balanced, seeded), "N/class" (k-NN), "file:PATH"
+    low_shot: list[str] = field(default_factory=list)
+    bootstrap_resamples: int = 1000  # 95% intervals over the test images; 0: none
+    dataset: str | None = None  # evaluate on another dataset than the pretraining one (--eval-dataset)
+    data_root: str | None = None  # where that dataset lives
     train_per_class: int | None = None  # feature bank: a balanced subset of the training split
     test_per_class: int | None = None
     batch_size: int = 256
@@ -82,11 +92,14 @@ class RunConfig:
     dataset: str = "embedded"  # embedded | cifar10 | imagefolder:PATH
     data_root: str | None = None
     download: bool = False
-    image_size: int | None = None  # None: the dataset's own (32 for CIFAR, 224 for image folders)
+    # None: the dataset's own (32 CIFAR, 96 STL-10, 64 Tiny ImageNet, 224 ImageNet; an image folder's own
+    # size up to 64 px, else 224)
+    image_size: int | None = None
     bad_images: str = "error"  # an unreadable image file: error (naming it) | skip (checked at load, counted)
     preset: str = "quick"
     recipe: str = "shared"  # shared: one schedule for all; paper: each method's published recipe
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # repeat every pair with each seed (--seeds); empty: seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -166,6 +179,8 @@ def check_values(config: RunConfig) -> None:
         "train.log_every": train.log_every,
         "eval.batch_size": evaluation.batch_size,
         "eval.linear_epochs": evaluation.linear_epochs,
+        "eval.linear_paper_epochs": evaluation.linear_paper_epochs,
+        "eval.linear_paper_batch_size": evaluation.linear_paper_batch_size,
         "eval.knn_temperature": evaluation.knn_temperature,
     }
     for key, value in positive.items():
@@ -185,7 +200,26 @@ def check_values(config: RunConfig) -> None:
         raise SSLBenchError(
             f"config key 'eval.linear_val_fraction' must be in (0, 1), got {evaluation.linear_val_fraction}"
         )
+    if evaluation.bootstrap_resamples < 0:
+        raise SSLBenchError(
+            f"config key 'eval.bootstrap_resamples' must be 0 (no intervals) or more, got "
+            f"{evaluation.bootstrap_resamples}"
+        )
+    if linear_kind(evaluation.linear) not in ("probe", "paper", None):
+        raise SSLBenchError(
+            f"config key 'eval.linear' must be true (the fast probe), probe, paper (the DINO paper's "
+            f"protocol) or false, got '{evaluation.linear}'"
+        )
+    if len(set(config.seeds)) != len(config.seeds):
+        raise SSLBenchError(f"config key 'seeds' repeats a seed: {config.seeds}")
     check_choices(config)
+
+
+def linear_kind(linear: bool | str) -> str | None:
+    """``eval.linear`` as a protocol name: "probe" (the fast probe), "paper", or None (no linear)."""
+    if linear is True:
+        return "probe"
+    return None if linear is False else str(linear)
 
 
 def check_choices(config: RunConfig) -> None:

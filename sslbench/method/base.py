@@ -97,6 +97,8 @@ class Method(nn.Module):
     trainable: ClassVar[bool] = True
     # The backbone families ("resnet", "vit") the method trains; another gets one clear line, not a run.
     families: ClassVar[tuple[str, ...]] = ("resnet", "vit")
+    # Trains on labels (the supervised row): it skips a dataset's unlabelled pretraining split (STL-10's).
+    needs_labels: ClassVar[bool] = False
 
     @classmethod
     def paper_recipe(cls, family: str, image_size: int, epochs: int) -> PaperRecipe | None:

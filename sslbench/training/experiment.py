@@ -28,6 +28,7 @@ from sslbench.base.errors import SSLBenchError
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
 from sslbench.data.datasets import DatasetSplits, load_dataset
 from sslbench.data.image_files import BadImageError, name_files, unreadable_images
+from sslbench.evaluation.low_shot import parse_low_shot
 from sslbench.method.registry import get_method, list_methods
 from sslbench.models.backbones import ARCHS, arch_spec
 from sslbench.reporting.plots import write_collapse_diagnostics, write_training_curves
@@ -122,7 +123,7 @@ def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> 
             f"batch size {plan.train.batch_size} (the global batch) does not divide among {world_size()} "
             "processes: use a multiple of the process count"
         )
-    train = training_source(data, plan.train, config.seed)
+    train = training_source(data, plan.train, config.seed, plan.method_cls.needs_labels)
     if plan.train.batch_size <= len(train):
         return
     unreadable = unreadable_images(train)  # a small set: the batch is larger than all of it
@@ -241,6 +242,7 @@ def run_benchmark(
     data = load_dataset(
         config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
     )
+    eval_data = evaluation_data(config, data)
     variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
     if variants:
         base = config_to_dict(config)
@@ -254,15 +256,16 @@ def run_benchmark(
                 f"variant '{variant.name}' changes {', '.join(fixed)}: variants of one ablation share the "
                 "data and the pairs; vary method options, train.* or eval.* keys, or seed"
             )
-    plans = [
-        (
-            dataclasses.replace(plan_pair(cls, arch, variant_config, device, data.image_size), variant=name),
-            variant_config,
-        )
-        for name, variant_config in variant_configs
-        for cls in methods.values()
-        for arch in config.archs
-    ]
+    seeds = config.seeds or [config.seed]
+    plans: list[tuple[PairPlan, RunConfig]] = []
+    for name, variant_config in variant_configs:
+        for cls in methods.values():
+            for arch in config.archs:
+                for seed in seeds:  # one folder per seed when there are several: <pair>-seed<N>
+                    seed_config = dataclasses.replace(variant_config, seed=seed)
+                    plan = plan_pair(cls, arch, seed_config, device, data.image_size)
+                    folder_seed = seed if len(seeds) > 1 else None
+                    plans.append((dataclasses.replace(plan, variant=name, seed=folder_seed), seed_config))
 
     reasons = [not_applicable(plan) for plan, _ in plans]
     if all(reasons):  # nothing to train: one line per pair, before any folder is made
@@ -280,7 +283,7 @@ def run_benchmark(
     out_dir = on_main(claim)  # every rank agrees on the folder; the main rank holds its lock
     try:
         with stop_on_signals():
-            return _run_pairs(plans, data, out_dir, show_progress, restart == "resume")
+            return _run_pairs(plans, (data, eval_data), out_dir, show_progress, restart == "resume")
     except RunInterrupted as stop:
         stop.out_dir, stop.main = out_dir, is_main()  # the main rank's command line says how to resume it
         raise
@@ -289,15 +292,43 @@ def run_benchmark(
             lock.release()
 
 
+def evaluation_data(config: RunConfig, data: DatasetSplits) -> DatasetSplits | None:
+    """The dataset of ``--eval-dataset`` at the size the network trains at, or None (the pretraining
+    one); its low-shot settings are read here, so a typo stops the run before anything trains."""
+    for spec in config.eval.low_shot:
+        parse_low_shot(spec)
+    if not config.eval.dataset:
+        return None
+    return load_dataset(
+        config.eval.dataset,
+        config.eval.data_root,
+        data.image_size,
+        config.download,
+        bad_images=config.bad_images,
+    )
+
+
+def _no_numbers(status: str, reason: str, plan: PairPlan, seed: int) -> dict[str, Any]:
+    """The record of a pair without numbers (failed, or not applicable), with why."""
+    return {
+        "status": status,
+        "error": reason,
+        "knn": None,
+        "linear": None,
+        "train": None,
+        "protocol": {"recipe": plan.recipe, "seed": seed},
+    }
+
+
 def _run_pairs(
     plans: list[tuple[PairPlan, RunConfig]],
-    data: DatasetSplits,
+    datasets: tuple[DatasetSplits, DatasetSplits | None],
     out_dir: Path,
     show_progress: bool,
     resume: bool,
 ) -> RunOutcome:
     sources = list_methods()
-
+    data, eval_data = datasets
     failed: list[str] = []
     progress = RunProgress(len(plans), show_progress and is_main())
     timings: dict[str, PairTime] = {}
@@ -312,25 +343,21 @@ def _run_pairs(
         signum = agreed_stop()  # asked while a pair failed, or between pairs: stop before the next one
         if signum:
             raise RunInterrupted(f"stopped before {plan.folder_name}", signum=signum)
-        record = {"method": name, "arch": plan.arch, "variant": plan.variant}
+        record = {"method": name, "arch": plan.arch, "variant": plan.variant, "seed": plan_config.seed}
         record["method_source"] = sources.get(name, "unknown")
         reason = not_applicable(plan)
         if reason is not None:  # in the table as such, with the reason; nothing trains
             progress.skip(plan.folder_name, f"{NOT_APPLICABLE}: {reason}")
             if is_main():
-                record |= {
-                    "status": NOT_APPLICABLE,
-                    "error": reason,
-                    "knn": None,
-                    "linear": None,
-                    "train": None,
-                }
-                write_json_atomic(pair_dir / "eval.json", record | {"protocol": {"recipe": plan.recipe}})
+                record |= _no_numbers(NOT_APPLICABLE, reason, plan, plan_config.seed)
+                write_json_atomic(pair_dir / "eval.json", record)
             continue
         progress.start(plan.folder_name)
         started = time.perf_counter()
         try:
-            evaluated = train_and_evaluate(plan, plan_config, data, pair_dir, show_progress, resume)
+            evaluated = train_and_evaluate(
+                plan, plan_config, data, pair_dir, show_progress, resume, eval_data
+            )
             if evaluated is None:  # a helper rank of a distributed run: the main rank writes
                 continue
             record |= evaluated
@@ -346,14 +373,7 @@ def _run_pairs(
                     f"{type(error).__name__}: {error} (method '{name}' from {record['method_source']}; "
                     f"traceback in {pair_dir / 'traceback.txt'})"
                 )
-            record |= {
-                "status": "failed",
-                "error": reason,
-                "knn": None,
-                "linear": None,
-                "train": None,
-                "protocol": {"recipe": plan.recipe, "seed": plan_config.seed},
-            }
+            record |= _no_numbers("failed", reason, plan, plan_config.seed)
             failed.append(f"{plan.folder_name}: {reason}")
         record["total_wall_s"] = round(time.perf_counter() - started, 2)
         progress.finish(record["total_wall_s"])

@@ -59,11 +59,13 @@ class PairPlan:
     method_options: Any
     device: torch.device
     variant: str | None = None  # an ablation's name; the pair's folder is <method>@<variant>-<arch>
+    seed: int | None = None  # one of several seeds (--seeds): the folder is <method>-<arch>-seed<N>
 
     @property
     def folder_name(self) -> str:
         variant = f"@{self.variant}" if self.variant else ""
-        return f"{self.method_cls.name}{variant}-{self.arch}"
+        seed = f"-seed{self.seed}" if self.seed is not None else ""
+        return f"{self.method_cls.name}{variant}-{self.arch}{seed}"
 
 
 def seed_everything(seed: int) -> None:
@@ -167,15 +169,17 @@ def train_and_evaluate(
     pair_dir: Path,
     show_progress: bool = True,
     resume: bool = False,
+    eval_data: DatasetSplits | None = None,
 ) -> dict[str, Any] | None:
     """Train one pair, evaluate it on frozen features, and return the eval.json record.
 
-    With ``resume``, training continues from the pair's newest checkpoint (if any). In a distributed
-    run every rank trains; only the main rank evaluates and returns the record.
+    ``eval_data`` (``--eval-dataset``): evaluate on another dataset than the one trained on. With
+    ``resume``, training continues from the pair's newest checkpoint (if any). In a distributed run every
+    rank trains; only the main rank evaluates and returns the record.
     """
     seed_everything(config.seed)
     backbone = create_backbone(plan.arch, data.image_size, plan.train.drop_path_rate)
-    train_source = training_source(data, plan.train, config.seed)
+    train_source = training_source(data, plan.train, config.seed, plan.method_cls.needs_labels)
     method = build_method(plan, backbone, data, len(train_source) // plan.train.batch_size)
     pair_hash = pair_config_hash(plan, config, data, method)
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
@@ -190,27 +194,71 @@ def train_and_evaluate(
         with atomic_path(pair_dir / "backbone.pt") as tmp:
             torch.save(method.eval_backbone().state_dict(), tmp)
     cache_dir = pair_dir if config.eval.cache_features else None
-    metrics = evaluate_method(method, config, data, plan.device, cache_dir)
+    evaluated_on = eval_data or data
+    metrics = evaluate_method(method, config, evaluated_on, plan.device, cache_dir)
+    protocol = protocol_record(plan, config, data, method, len(train_source))
     return {
         "eval_s": round(time.perf_counter() - eval_started, 2),
         "status": "ok",
         "error": None,
         "variant": plan.variant,
-        "knn": metrics["knn"],
-        "linear": metrics["linear"],
+        "seed": config.seed,
+        **evaluation_fields(metrics),
         "train": train_summary,
         "collapse": collapse_check(method, train_summary.pop("last_record", None), pair_dir.name),
-        "protocol": protocol_record(plan, config, data, method, metrics, len(train_source))
+        "protocol": protocol
+        | evaluation_protocol(config, evaluated_on, metrics)
         | {"config_hash": pair_hash},
         "method_options": method.resolved_options(),
     }
 
 
-def training_source(data: DatasetSplits, train_cfg: TrainConfig, seed: int) -> ImageSource:
-    """The training split, or its balanced seeded subset with ``train.train_per_class``."""
+def evaluation_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an evaluation as eval.json holds them (intervals and low-shot only when made)."""
+    fields = {"knn": metrics["knn"], "linear": metrics["linear"]}
+    if metrics.get("knn_ci95"):
+        fields["knn_ci95"] = metrics["knn_ci95"]
+    if metrics.get("low_shot"):
+        fields["low_shot"] = metrics["low_shot"]
+    return fields
+
+
+def evaluation_protocol(config: RunConfig, data: DatasetSplits, metrics: dict[str, Any]) -> dict[str, Any]:
+    """How the numbers were made, whoever trained the network: the data it was evaluated on, the k-NN,
+    the linear protocol, the low-shot settings and the intervals."""
+    return {
+        "eval_dataset": data.name,
+        "eval_dataset_description": data.description,
+        "eval_image_size": data.image_size,
+        "test_images": metrics["test_images"],
+        "knn_bank_images": metrics["bank_images"],
+        "knn_k": config.eval.knn_headline_k,
+        "knn_temperature": config.eval.knn_temperature,
+        "linear_kind": metrics["linear_kind"],
+        "linear_protocol": metrics["linear_protocol"],
+        "low_shot": ", ".join(config.eval.low_shot) or None,
+        "intervals": (
+            f"95% percentile bootstrap over the test images, {config.eval.bootstrap_resamples} resamples"
+            if config.eval.bootstrap_resamples > 0
+            else None
+        ),
+    }
+
+
+def training_source(
+    data: DatasetSplits, train_cfg: TrainConfig, seed: int, needs_labels: bool = False
+) -> ImageSource:
+    """The images a method pretrains on: the dataset's pretraining split where it has one (STL-10's
+    unlabelled images) unless the method needs labels, else the training split; with
+    ``train.train_per_class`` a seeded subset of it (balanced by class where there are labels)."""
+    source = data.train if needs_labels or data.pretrain is None else data.pretrain
     if train_cfg.train_per_class is None:
-        return data.train
-    return SubsetSource(data.train, subset_indices(data.train.labels, train_cfg.train_per_class, seed))
+        return source
+    if (source.labels < 0).all():  # unlabelled: as many images as a balanced subset would hold
+        count = min(len(source), train_cfg.train_per_class * data.num_classes)
+        indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:count])
+        return SubsetSource(source, indices)
+    return SubsetSource(source, subset_indices(source.labels, train_cfg.train_per_class, seed))
 
 
 def build_method(
@@ -297,10 +345,10 @@ def protocol_record(
     config: RunConfig,
     data: DatasetSplits,
     method: Method,
-    metrics: dict[str, Any],
     train_images: int,
 ) -> dict[str, Any]:
-    """Every protocol detail beside the numbers it produced."""
+    """Every protocol detail of the training beside the numbers it produced (``evaluation_protocol``:
+    the evaluation's)."""
     train_cfg, trainable = plan.train, plan.method_cls.trainable
     precision, precision_reason = precision_choice(train_cfg.precision, plan.device)
     features_in, features_reason = feature_precision(config, plan.device)
@@ -309,8 +357,6 @@ def protocol_record(
         "dataset_description": data.description,
         "skipped_images": data.skipped_images,
         "train_images": train_images if trainable else 0,
-        "test_images": metrics["test_images"],
-        "knn_bank_images": metrics["bank_images"],
         "image_size": data.image_size,
         "patch_size": effective_patch_size(plan.arch, data.image_size),
         "crops": method.view_recipe().describe(data.image_size) if trainable else "none (untrained)",
@@ -330,13 +376,7 @@ def protocol_record(
         "seed": config.seed,
         "device": str(plan.device),
         "feature_source": method.feature_source if trainable else "untrained backbone",
-        "knn_k": config.eval.knn_headline_k,
-        "knn_temperature": config.eval.knn_temperature,
         "linear_features": method.eval_backbone().linear_features_description,
-        "linear_protocol": (
-            f"SGD on standardised frozen features, {config.eval.linear_epochs} epochs, lr sweep "
-            f"{config.eval.linear_lrs} chosen on {config.eval.linear_val_fraction:.0%} held out"
-        ),
     }
 
 

@@ -1,0 +1,147 @@
+"""``sslbench eval`` of networks trained elsewhere, ``--seeds`` and ``--eval-dataset``, end to end.
+
+A network trained here is reloaded from its backbone.pt and from files written in other projects'
+layouts, and every one gives the trained pair's numbers exactly: the same weights under the same protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sslbench.cli import main
+
+TINY = [
+    "--epochs", "1", "--batch-size", "8", "--no-progress",
+    "--set", "train.train_per_class=2", "--set", "eval.train_per_class=4", "--set", "eval.test_per_class=3",
+    "--set", "eval.monitor_every=0", "--set", "eval.linear_epochs=2", "--set", "train.warmup_epochs=0",
+    "--set", "eval.bootstrap_resamples=200",
+]  # fmt: skip
+EVAL_TINY = ["--no-progress", "--set", "eval.train_per_class=4", "--set", "eval.test_per_class=3",
+             "--set", "eval.linear_epochs=2", "--set", "eval.bootstrap_resamples=200"]  # fmt: skip
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _eval(folder: Path, pair: str) -> dict[str, Any]:
+    return json.loads((folder / pair / "eval.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untrained backbone (``random``: nothing to train, so this is fast) with its backbone.pt."""
+    out = tmp_path_factory.mktemp("weights") / "trained"
+    code, _, stderr = _main(["run", "--methods", "random", "--arch", "resnet18", *TINY, "--out", str(out)])
+    assert code == 0, stderr
+    return out
+
+
+def _numbers(record: dict[str, Any]) -> tuple:
+    return record["knn"], record.get("knn_ci95"), record["linear"]["top1"], record["linear"].get("ci95")
+
+
+def test_trained_pairs_carry_intervals_and_seed(trained: Path):
+    record = _eval(trained, "random-resnet18")
+    assert record["seed"] == 0 and record["protocol"]["seed"] == 0
+    for k, top1 in record["knn"].items():
+        low, high = record["knn_ci95"][k]
+        assert low <= top1 <= high
+    low, high = record["linear"]["ci95"]
+    assert low <= record["linear"]["top1"] <= high
+    assert record["protocol"]["linear_kind"] == "probe"
+    assert "bootstrap" in record["protocol"]["intervals"]
+    assert "[" in (trained / "table.md").read_text()  # the printed table shows the intervals
+
+
+def test_eval_of_foreign_layouts_gives_the_trained_numbers(trained: Path, tmp_path: Path):
+    """backbone.pt as written, and the same weights in DINO's training-checkpoint layout and as a timm
+    state dict with a classifier: each loads strictly and scores exactly what the trained pair scored."""
+    weights = torch.load(trained / "random-resnet18" / "backbone.pt", weights_only=True)
+    plain = {key.removeprefix("model."): value for key, value in weights.items()}
+    dino = tmp_path / "checkpoint.pth"
+    teacher = {f"backbone.{k}": v for k, v in plain.items()}
+    student = {f"module.backbone.{k}": v for k, v in plain.items()}
+    torch.save({"teacher": teacher, "student": student, "epoch": 1}, dino)
+    timm_file = tmp_path / "timm_resnet18.pth"
+    torch.save(plain | {"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, timm_file)
+    out = tmp_path / "eval"
+    sources = [str(trained / "random-resnet18" / "backbone.pt"), str(dino), str(timm_file)]
+    code, stdout, stderr = _main(["eval", *sources, "--arch", "resnet18", *EVAL_TINY, "--out", str(out)])
+    assert code == 0, stderr
+    expected = _numbers(_eval(trained, "random-resnet18"))
+    for pair in ("random-resnet18", "checkpoint-resnet18", "timm_resnet18-resnet18"):
+        record = _eval(out, pair)
+        assert record["status"] == "ok" and record["train"] is None
+        assert _numbers(record) == expected, pair
+        assert record["protocol"]["weights_format"] == record["weights"]["format"]
+    assert _eval(out, "checkpoint-resnet18")["weights"]["part"] == "teacher"
+    assert "weights" in stdout  # the table's rows say where their weights came from
+
+
+def test_eval_keeps_going_past_a_file_that_does_not_load(trained: Path, tmp_path: Path):
+    broken = tmp_path / "broken.pth"
+    torch.save({"something": torch.zeros(3)}, broken)
+    good = str(trained / "random-resnet18" / "backbone.pt")
+    out = tmp_path / "eval"
+    code, _, stderr = _main(["eval", str(broken), good, "--arch", "resnet18", *EVAL_TINY, "--out", str(out)])
+    assert code == 1 and "broken" in stderr
+    assert _eval(out, "broken-resnet18")["status"] == "failed"
+    assert _eval(out, "random-resnet18")["status"] == "ok"
+
+
+def test_eval_needs_exactly_one_arch(trained: Path, tmp_path: Path):
+    good = str(trained / "random-resnet18" / "backbone.pt")
+    code, _, stderr = _main(["eval", good, "--arch", "resnet18,vit_tiny16", "--out", str(tmp_path / "x")])
+    assert code == 2 and "exactly one" in stderr and stderr.count("\n") == 1
+
+
+def test_seeds_repeat_every_pair_in_its_own_folder(tmp_path: Path):
+    out = tmp_path / "seeds"
+    code, stdout, stderr = _main(
+        ["run", "--methods", "random", "--arch", "resnet18", *TINY, "--seeds", "0,1", "--out", str(out)]
+    )
+    assert code == 0, stderr
+    seeds = [_eval(out, f"random-resnet18-seed{seed}")["seed"] for seed in (0, 1)]
+    assert seeds == [0, 1]
+    assert _eval(out, "random-resnet18-seed0")["knn"] != _eval(out, "random-resnet18-seed1")["knn"]
+    assert "±" in stdout
+
+
+def test_eval_dataset_differs_from_the_pretraining_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Pretrain on the embedded data, evaluate on an ImageFolder tree: the protocol names both."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split in ("train", "val"):
+        for label, colour in enumerate(((250, 0, 0), (0, 250, 0))):
+            (root / split / f"c{label}").mkdir(parents=True)
+            for index in range(4):
+                Image.new("RGB", (32, 32), colour).save(root / split / f"c{label}" / f"{index}.png")
+    out = tmp_path / "transfer"
+    code, _, stderr = _main(["run", "--methods", "random", "--arch", "resnet18", *TINY,
+                             "--eval-dataset", f"imagefolder:{root}", "--out", str(out)])  # fmt: skip
+    assert code == 0, stderr
+    protocol = _eval(out, "random-resnet18")["protocol"]
+    assert protocol["dataset"] == "embedded" and protocol["eval_dataset"].startswith("imagefolder:")
+    assert protocol["eval_image_size"] == 32 and protocol["test_images"] == 6
+
+
+def test_bad_low_shot_and_linear_settings_are_refused_before_training(tmp_path: Path):
+    low_shot = ["--set", "eval.low_shot=[ten percent]", "--out", str(tmp_path / "a")]
+    code, _, stderr = _main(["run", "--methods", "random", "--arch", "resnet18", *TINY, *low_shot])
+    assert code == 2 and "ten percent" in stderr
+    code, _, stderr = _main(["run", "--methods", "random", "--arch", "resnet18", *TINY,
+                             "--set", "eval.linear=papr", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert code == 2 and "paper" in stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
