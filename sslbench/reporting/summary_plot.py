@@ -7,6 +7,7 @@ figure and the tables cannot disagree; failed pairs have no bar and are named in
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ def summary_plot_data(df: pd.DataFrame) -> SummaryPlotData:
     seeded = usual_n(df) > 1
     failed = [f"{r['method']}/{r['arch']}" + (f" seed {number(r.get('seed')):g}" if seeded else "")
               for _, r in df.iterrows() if is_failed(r)]  # fmt: skip
-    methods = list(dict.fromkeys(label for label, _ in pair_groups(df)))
+    drawn = {method for _, method, _ in bars}  # a method with no bar (every pair failed) takes no slot
+    methods = [m for m in dict.fromkeys(label for label, _ in pair_groups(df)) if m in drawn]
     return SummaryPlotData(bars, methods, list(labels.values()), knn_title, failed)
 
 
@@ -110,7 +112,9 @@ def summary_figure(data: SummaryPlotData) -> Any | None:
             ax.text(0.5, 0.5, f"no {panel} results", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             continue
-        ax.set_xticks(range(len(data.methods)), data.methods)
+        # a long row label (``dino (weights: FILE)``) wrapped, so neighbouring labels never overlap
+        names = [textwrap.fill(m, 22, break_long_words=False) for m in data.methods]
+        ax.set_xticks(range(len(data.methods)), names, fontsize=8)
     # One legend under both panels, so it never hides a bar; "seed" once however many dots carry it.
     handles, names = [], []
     for ax in axes:
