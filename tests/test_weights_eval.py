@@ -42,7 +42,8 @@ def _eval(folder: Path, pair: str) -> dict[str, Any]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The untrained backbone (``random``: nothing to train, so this is fast) with its backbone.pt."""
     out = tmp_path_factory.mktemp("weights") / "trained"
-    code, _, stderr = _main(["run", "--methods", "random", "--arch", "resnet18", *TINY, "--out", str(out)])
+    archs = "resnet18,vit_tiny16"
+    code, _, stderr = _main(["run", "--methods", "random", "--arch", archs, *TINY, "--out", str(out)])
     assert code == 0, stderr
     return out
 
@@ -64,28 +65,37 @@ def test_trained_pairs_carry_intervals_and_seed(trained: Path):
     assert "[" in (trained / "table.md").read_text()  # the printed table shows the intervals
 
 
-def test_eval_of_foreign_layouts_gives_the_trained_numbers(trained: Path, tmp_path: Path):
+@pytest.mark.parametrize("arch, classifier, width", [("resnet18", "fc", 512), ("vit_tiny16", "head", 192)])
+def test_eval_of_foreign_layouts_gives_the_trained_numbers(
+    trained: Path, tmp_path: Path, arch: str, classifier: str, width: int
+):
     """backbone.pt as written, and the same weights in DINO's training-checkpoint layout and as a timm
-    state dict with a classifier: each loads strictly and scores exactly what the trained pair scored."""
-    weights = torch.load(trained / "random-resnet18" / "backbone.pt", weights_only=True)
+    state dict with a classifier: each loads strictly and scores exactly what the trained pair scored
+    (on a ViT too, whose attention kernel must be the one the trained pair was evaluated with)."""
+    pair = f"random-{arch}"
+    weights = torch.load(trained / pair / "backbone.pt", weights_only=True)
     plain = {key.removeprefix("model."): value for key, value in weights.items()}
     dino = tmp_path / "checkpoint.pth"
     teacher = {f"backbone.{k}": v for k, v in plain.items()}
     student = {f"module.backbone.{k}": v for k, v in plain.items()}
     torch.save({"teacher": teacher, "student": student, "epoch": 1}, dino)
-    timm_file = tmp_path / "timm_resnet18.pth"
-    torch.save(plain | {"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, timm_file)
+    timm_file = tmp_path / "timm_net.pth.tar"
+    width = next(
+        v.shape[0] for k, v in plain.items() if k.endswith("norm.weight") or k == "layer4.1.bn2.weight"
+    )
+    head = {f"{classifier}.weight": torch.zeros(10, width), f"{classifier}.bias": torch.zeros(10)}
+    torch.save(plain | head, timm_file)
     out = tmp_path / "eval"
-    sources = [str(trained / "random-resnet18" / "backbone.pt"), str(dino), str(timm_file)]
-    code, stdout, stderr = _main(["eval", *sources, "--arch", "resnet18", *EVAL_TINY, "--out", str(out)])
+    sources = [str(trained / pair / "backbone.pt"), str(dino), str(timm_file)]
+    code, stdout, stderr = _main(["eval", *sources, "--arch", arch, *EVAL_TINY, "--out", str(out)])
     assert code == 0, stderr
-    expected = _numbers(_eval(trained, "random-resnet18"))
-    for pair in ("random-resnet18", "checkpoint-resnet18", "timm_resnet18-resnet18"):
-        record = _eval(out, pair)
+    expected = _numbers(_eval(trained, pair))
+    for folder in (pair, f"checkpoint-{arch}", f"timm_net-{arch}"):
+        record = _eval(out, folder)
         assert record["status"] == "ok" and record["train"] is None
-        assert _numbers(record) == expected, pair
+        assert _numbers(record) == expected, folder
         assert record["protocol"]["weights_format"] == record["weights"]["format"]
-    assert _eval(out, "checkpoint-resnet18")["weights"]["part"] == "teacher"
+    assert _eval(out, f"checkpoint-{arch}")["weights"]["part"] == "teacher"
     assert "weights" in stdout  # the table's rows say where their weights came from
 
 

@@ -22,11 +22,14 @@ from sslbench.config import RunConfig
 from sslbench.data.datasets import DatasetSplits, load_dataset
 from sslbench.evaluation.evaluate import evaluate_backbone
 from sslbench.evaluation.features import feature_precision
-from sslbench.models.backbones import arch_spec, create_backbone, effective_patch_size
+from sslbench.models.backbones import arch_spec, create_backbone, effective_patch_size, set_fused_attention
 from sslbench.models.weight_formats import load_backbone_weights
 from sslbench.reporting.tables import load_results, write_report
 from sslbench.training.experiment import RunOutcome, evaluation_data, prepare_out_dir, resolve_device
 from sslbench.training.runner import evaluation_fields, evaluation_protocol, seed_everything
+from sslbench.training.step import fused_attention_for, memory_format_for
+
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".safetensors", ".bin")
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,10 @@ def row_name(spec: WeightsSpec) -> str:
     path = Path(spec.source)
     if path.name == "backbone.pt" and "-" in path.parent.name:
         return path.parent.name.rsplit("-", 1)[0]
-    return path.stem
+    name = path.name
+    while Path(name).suffix in WEIGHTS_SUFFIXES:  # checkpoint.pth.tar -> checkpoint
+        name = Path(name).stem
+    return name or path.name
 
 
 def _folder_names(specs: Sequence[WeightsSpec], arch: str) -> list[str]:
@@ -129,7 +135,11 @@ def _evaluate_one(
         loaded = load_backbone_weights(
             spec.source, backbone, part=spec.part, allow_partial=spec.allow_partial
         )
-        backbone.to(device)
+        # the layout and attention kernel a trained pair is evaluated with (build_method), so the same
+        # weights give the same numbers to the last image
+        backbone.to(device, memory_format=memory_format_for(device, backbone.family))
+        if not fused_attention_for(device, feature_precision(config, device)[0]):
+            set_fused_attention(backbone, False)
         cache_dir = pair_dir if config.eval.cache_features else None
         metrics = evaluate_backbone(backbone, config, data, device, cache_dir)
     except Exception as error:  # one unreadable file must not cost the others their rows
