@@ -1,6 +1,7 @@
 """Every registered method's training step beside DINO's on the same arch, at the quick preset's sizes.
 
-Run: ``python benchmarks/bench_methods.py [--archs resnet18,vit_tiny16] [--rounds 3]``. Each pair is
+Run: ``python benchmarks/bench_methods.py [--archs resnet18,vit_tiny16] [--rounds 3] [--methods a,b]``
+(DINO always runs, the peer of every ratio). Each pair is
 planned and built as ``sslbench run`` does (quick preset: 32 px, batch 32, DINO's 1024-d head and 2
 local crops, every other method at its small-data defaults, the machine's precision) and steps through
 the runner's own step on one fixed batch of embedded images; rounds interleave the methods, so a
@@ -58,10 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="resnet18,vit_tiny16")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", default="", help="comma-separated (default: every trainable one)")
     args = parser.parse_args()
     device = torch.device("cpu")
     data = load_dataset("embedded")
-    names = [n for n in list_methods() if get_method(n).trainable]
+    chosen = {"dino", *filter(None, args.methods.split(","))} if args.methods else set(list_methods())
+    names = [n for n in list_methods() if get_method(n).trainable and n in chosen]
     for arch in args.archs.split(","):
         family = arch_spec(arch).family
         pairs = {n: _pair_step(n, arch, data, device) for n in names if family in get_method(n).families}
