@@ -19,7 +19,11 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
             "--methods", type=_csv, help="comma-separated, e.g. dino,byol, or all (default: the preset's)"
         )
     command.add_argument("--arch", dest="archs", type=_csv, help="comma-separated, e.g. resnet50,vit_s16")
-    command.add_argument("--dataset", help="embedded (default, offline), cifar10, or imagefolder:PATH")
+    command.add_argument(
+        "--dataset",
+        help="embedded (default, offline), cifar10, cifar100, stl10, tinyimagenet, imagenet100, imagenet, "
+        "or imagefolder:PATH",
+    )
     command.add_argument("--data-root", help="where the dataset lives (a zip, an ImageFolder tree, ...)")
     command.add_argument(
         "--download",
