@@ -1,4 +1,4 @@
-"""Command line: ``sslbench run | ablate | eval | attention | list | report``.
+"""Command line: ``sslbench run | ablate | eval | export | attention | list | report``.
 
 A user-facing error (``SSLBenchError``) prints one message and exits with status 2, no traceback.
 """
@@ -9,6 +9,7 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Sequence
@@ -155,6 +156,17 @@ def command_eval(args: argparse.Namespace) -> int:
     return _finish(outcome, format_table_text(outcome.results), started)
 
 
+def command_export(args: argparse.Namespace) -> int:
+    from sslbench.training.export_run import export_pair
+
+    out = Path(args.out) if args.out else None
+    exported = export_pair(Path(args.run), args.pair, args.fmt, out, args.overwrite)
+    print("wrote\n  " + "\n  ".join(str(path) for path in exported.files))
+    print("load with:\n" + textwrap.indent(exported.load_code, "    "))
+    print("\n".join(exported.notes[1:]))  # the first note is the recipe on one line
+    return 0
+
+
 def command_attention(args: argparse.Namespace) -> int:
     from sslbench.evaluation.attention import write_attention_report
 
@@ -252,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run": command_run,
             "ablate": command_ablate,
             "eval": command_eval,
+            "export": command_export,
             "attention": command_attention,
         }
         if args.command in commands:

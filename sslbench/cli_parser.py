@@ -114,26 +114,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sslbench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
-    _add_run_arguments(run)
-
-    ablate = commands.add_parser(
-        "ablate", help="train variants of one method under one schedule; ablation table"
-    )
-    ablate.add_argument("method", help="the method to ablate; dino has the DINO paper's table built in")
-    ablate.add_argument(
-        "--vary",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="a config key and its values, one variant each (repeatable), e.g. dino.teacher_temp=0.04,0.07",
-    )
-    _add_run_arguments(ablate, with_methods=False)
-
+def _add_eval_command(commands: Any) -> None:
+    """``sslbench eval``: weights files evaluated as a run's pairs are."""
     evaluate = commands.add_parser(
         "eval", help="evaluate networks trained elsewhere (or here) from their weights, as run does"
     )
@@ -166,6 +148,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--no-progress", action="store_true", help="no per-file lines")
     evaluate.add_argument("--force", action="store_true", help="start the run in --out over")
+
+
+def _add_export_command(commands: Any) -> None:
+    """``sslbench export``: a run's evaluated network for timm or torchvision."""
+    export = commands.add_parser("export", help="write a run's evaluated network for timm or torchvision")
+    export.add_argument("run", help="a run folder, e.g. results/20260101-120000-quick")
+    export.add_argument("--pair", help="which pair, e.g. dino-vit_s16 (needed when the run has several)")
+    export.add_argument(
+        "--format", dest="fmt", choices=["timm", "torchvision", "safetensors"], default="timm"
+    )
+    export.add_argument("--out", help="the folder to write (default: RUN/export/<pair>-<format>/)")
+    export.add_argument("--overwrite", action="store_true", help="replace files an earlier export wrote")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sslbench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
+    _add_run_arguments(run)
+
+    ablate = commands.add_parser(
+        "ablate", help="train variants of one method under one schedule; ablation table"
+    )
+    ablate.add_argument("method", help="the method to ablate; dino has the DINO paper's table built in")
+    ablate.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values, one variant each (repeatable), e.g. dino.teacher_temp=0.04,0.07",
+    )
+    _add_run_arguments(ablate, with_methods=False)
+
+    _add_eval_command(commands)
+    _add_export_command(commands)
 
     attention = commands.add_parser("attention", help="class-token attention maps of a run's ViT pairs (PNG)")
     attention.add_argument("run", help="a run folder, e.g. results/20260101-120000-quick")

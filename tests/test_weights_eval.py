@@ -155,3 +155,36 @@ def test_bad_low_shot_and_linear_settings_are_refused_before_training(tmp_path: 
                              "--set", "eval.linear=papr", "--out", str(tmp_path / "b")])  # fmt: skip
     assert code == 2 and "paper" in stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny16"])
+def test_export_writes_what_timm_loads_with_the_trained_features(trained: Path, tmp_path: Path, arch: str):
+    """``sslbench export RUN --pair P --format timm``: the recipe it prints builds a timm network whose
+    features are the pair's backbone's, with the run's normalisation in the exported config."""
+    from sslbench.models.backbones import create_backbone
+
+    out = tmp_path / "export"
+    pair = f"random-{arch}"
+    code, stdout, stderr = _main(
+        ["export", str(trained), "--pair", pair, "--format", "timm", "--out", str(out)]
+    )
+    assert code == 0, stderr
+    assert "load with" in stdout
+    recipe = json.loads((out / "config.json").read_text())
+    assert recipe["pretrained_cfg"]["mean"] == list(_eval(trained, pair)["protocol"]["normalize_mean"])
+    backbone = create_backbone(arch, 32)
+    weights = torch.load(trained / pair / "backbone.pt", weights_only=True)
+    backbone.load_state_dict(weights)
+    backbone.eval()
+    namespace: dict[str, Any] = {}
+    lines = stdout.splitlines()
+    start = lines.index("load with:") + 1
+    recipe_lines = [line[4:] for line in lines[start:] if line.startswith("    ")]
+    exec("\n".join(recipe_lines), namespace)  # the printed recipe, as a user would paste it
+    model = namespace["model"].eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images), backbone.forward_eval(images)["knn"])
+
+    code, _, stderr = _main(["export", str(trained), "--format", "timm", "--out", str(tmp_path / "again")])
+    assert code == 2 and "--pair" in stderr and "random-resnet18" in stderr

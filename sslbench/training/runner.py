@@ -358,6 +358,8 @@ def protocol_record(
         "skipped_images": data.skipped_images,
         "train_images": train_images if trainable else 0,
         "image_size": data.image_size,
+        "normalize_mean": list(data.mean),  # the network's input normalisation (sslbench export)
+        "normalize_std": list(data.std),
         "patch_size": effective_patch_size(plan.arch, data.image_size),
         "crops": method.view_recipe().describe(data.image_size) if trainable else "none (untrained)",
         "epochs": train_cfg.epochs if trainable else 0,
