@@ -43,7 +43,7 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
         "device",
         "out",
     )
-    for key in (*top_level, "image_size"):
+    for key in (*top_level, "image_size", "trackers"):
         if getattr(args, key, None) is not None:
             layer[key] = getattr(args, key)
     evaluation = {"dataset": args.eval_dataset, "data_root": args.eval_data_root}

@@ -69,6 +69,12 @@ def _add_run_arguments(command: argparse.ArgumentParser, with_methods: bool = Tr
         help="load methods from a local file (repeatable)",
     )
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.add_argument(
+        "--log",
+        dest="trackers",
+        type=_csv,
+        help="mirror metrics, config and results into trackers, offline: tensorboard, mlflow, wandb",
+    )
     restart = command.add_mutually_exclusive_group()
     restart.add_argument(
         "--resume",

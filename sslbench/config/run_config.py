@@ -101,6 +101,7 @@ class RunConfig:
     seed: int = 0
     seeds: list[int] = field(default_factory=list)  # repeat every pair with each seed (--seeds); empty: seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trackers: list[str] = field(default_factory=list)  # --log: tensorboard, mlflow, wandb (offline)
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -146,6 +146,10 @@ def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# What sslbench writes beside the pairs of a run: attention maps, exports, tracker files.
+RUN_SIDE_FOLDERS = frozenset({"attention", "export", "trackers"})
+
+
 def _pair_folders(run_path: Path) -> list[Path]:
     """Pair folders in the run's own method x arch order (from its config.yaml), seeds in number order,
     others after by name."""
@@ -164,7 +168,8 @@ def _pair_folders(run_path: Path) -> list[Path]:
         return (order.index(pair) if pair in order else len(order), pair, -1 if seed is None else seed,
                 folder.name)  # fmt: skip
 
-    return sorted((p for p in run_path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=position)
+    folders = (p for p in run_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted((p for p in folders if p.name not in RUN_SIDE_FOLDERS), key=position)
 
 
 def _read_eval(folder: Path) -> dict[str, Any] | None:

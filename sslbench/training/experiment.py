@@ -38,7 +38,9 @@ from sslbench.training.distributed import init_distributed
 from sslbench.training.environment import describe_environment
 from sslbench.training.interrupt import RunInterrupted, agreed_stop, stop_on_signals
 from sslbench.training.run_folder import RunLock, check_out_dir, check_reuse, default_run_dir
-from sslbench.training.runner import PairPlan, plan_pair, train_and_evaluate, training_source
+from sslbench.training.runner import PairPlan, plan_pair, training_source
+from sslbench.training.tracked_pair import report_to_trackers, train_tracked
+from sslbench.training.trackers import check_tracker_names
 
 
 @dataclass
@@ -243,6 +245,7 @@ def run_benchmark(
         config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
     )
     eval_data = evaluation_data(config, data)
+    check_tracker_names(config.trackers)
     variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
     if variants:
         base = config_to_dict(config)
@@ -355,9 +358,7 @@ def _run_pairs(
         progress.start(plan.folder_name)
         started = time.perf_counter()
         try:
-            evaluated = train_and_evaluate(
-                plan, plan_config, data, pair_dir, show_progress, resume, eval_data
-            )
+            evaluated = train_tracked(plan, plan_config, (data, eval_data), pair_dir, show_progress, resume)
             if evaluated is None:  # a helper rank of a distributed run: the main rank writes
                 continue
             record |= evaluated
@@ -388,4 +389,5 @@ def _run_pairs(
     write_report(results, out_dir)
     write_training_curves(out_dir)
     write_collapse_diagnostics(out_dir)
+    report_to_trackers(plans, out_dir)
     return RunOutcome(out_dir, results, failed, timings=timings)

@@ -42,11 +42,13 @@ def train_loop(
     model: nn.Module | None = None,
     make_views: Callable[[Any], list[Tensor]] | None = None,
     checkpointing: Checkpointing | None = None,
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Epochs of ``optimization_step`` on per-iteration schedules; returns eval.json's ``train`` entry.
 
     ``model`` runs the forward (the method or its DDP wrapper); ``make_views`` turns a loaded batch into
-    device views (default: move them); ``monitor`` is the k-NN watch run every ``monitor_every`` epochs.
+    device views (default: move them); ``monitor`` is the k-NN watch run every ``monitor_every`` epochs;
+    ``on_records`` sees the records whenever metrics.jsonl is written.
     """
     ipe, epochs = len(loader), train_cfg.epochs
     schedules = Schedules.for_run(train_cfg, ipe)
@@ -57,6 +59,7 @@ def train_loop(
     make_views = make_views or device_views(device, memory_format_for(device, method.backbone.family))
     checkpoints = checkpointing or Checkpointing.disabled(pair_dir)
     state = TrainState.restore(checkpoints.latest(), method, optimizer, checkpoints.augment_generator)
+    state.on_records = on_records  # trackers see what metrics.jsonl holds, each time it is written
     method.train()
     if state.iteration == 0:
         watch(state, method, monitor, monitor_every, 0, epochs)

@@ -170,6 +170,7 @@ def train_and_evaluate(
     show_progress: bool = True,
     resume: bool = False,
     eval_data: DatasetSplits | None = None,
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any] | None:
     """Train one pair, evaluate it on frozen features, and return the eval.json record.
 
@@ -185,7 +186,7 @@ def train_and_evaluate(
     train_summary: dict[str, Any] = {"epochs": 0, "wall_s": 0.0, "images_per_s": None, "final_loss": None}
     if plan.method_cls.trainable:
         train_summary = train_pair(
-            method, plan, config, data, train_source, pair_dir, pair_hash, show_progress, resume
+            method, plan, config, data, train_source, pair_dir, pair_hash, show_progress, resume, on_records
         )
     if not is_main():
         return None
@@ -306,6 +307,7 @@ def train_pair(
     pair_hash: str,
     show_progress: bool,
     resume: bool,
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """The pair's loader, checkpoints and k-NN monitor, then the one training loop."""
     train_cfg, device = plan.train, plan.device
@@ -337,6 +339,7 @@ def train_pair(
             model=data_parallel(method, device),
             make_views=make_views,
             checkpointing=checkpointing,
+            on_records=on_records,
         )
 
 

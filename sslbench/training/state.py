@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ class TrainState:
     iteration: int = 0  # iterations completed
     images_seen: int = 0  # the global batch, summed
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, in order
+    # called with the records each time metrics.jsonl is written (the run's trackers: --log)
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None
     guard: LossGuard = field(default_factory=LossGuard)
     resumed_at: int | None = None
     wall_before: float = 0.0  # training seconds of the sessions before a resume
@@ -133,6 +135,8 @@ class TrainState:
         if is_main() and self.records:
             text = "".join(json.dumps(record) + "\n" for record in self.records)
             write_text_atomic(pair_dir / "metrics.jsonl", text)
+            if self.on_records is not None:
+                self.on_records(self.records)
 
     def summary(self, epochs: int, total: int) -> dict[str, Any]:
         """The ``train`` entry of eval.json."""
