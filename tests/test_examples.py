@@ -25,7 +25,9 @@ def test_readme_shows_the_example_file_verbatim() -> None:
 
 def test_readme_commands_use_real_flags() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert 'pip install -e ".[dev]"' in readme and "\npytest\n" in readme
+    assert 'pip install -e ".[dev,track]"' in readme and "\npytest\n" in readme
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'pip install -q -e ".[dev,track]"' in ci  # the README's install is what CI installs
     assert "sslbench run --methods dino,byol --arch vit_s16" in readme
 
 
