@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,9 +9,9 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from cli_session import run_cli as _main
 
 from sslbench.base.errors import SSLBenchError
-from sslbench.cli import main
 from sslbench.config import RunConfig, config_to_dict, resolve_config
 from sslbench.method.registry import get_method, list_methods
 from sslbench.reporting.tables import load_results
@@ -73,13 +71,6 @@ def test_vary_overrides_the_built_in_table_and_other_methods_need_it() -> None:
     assert [v.name for v in variants_for("byol", config, ["byol.proj_dim=64"])] == ["proj_dim=64"]
     with pytest.raises(SSLBenchError, match=r"no built-in ablation for 'byol'.*--vary byol\.KEY=v1,v2"):
         variants_for("byol", config, [])
-
-
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_ablate_without_a_table_or_vary_fails_before_training(tmp_path: Path) -> None:

@@ -6,18 +6,17 @@ embedded 32 px dataset), so the whole file stays within a couple of CPU minutes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 import torch
+from cli_session import read_eval as _eval
+from cli_session import run_cli as _main
 
 from sslbench.base.precision import precision_choice
 from sslbench.cli import main
@@ -41,18 +40,6 @@ ARCHS = ["resnet18", "vit_tiny16"]
 ARCHS_FAMILY = {"resnet18": "resnet", "vit_tiny16": "vit"}
 CPU = torch.device("cpu")
 REPORT_FILES = ["summary.csv", "table.md", "table.tex", "summary.png"]
-
-
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in this process; return (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def _eval(folder: Path, pair: str) -> dict[str, Any]:
-    return json.loads((folder / pair / "eval.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

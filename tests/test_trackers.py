@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from sslbench.base.errors import SSLBenchError
+from sslbench.training import tracker_backends
 from sslbench.training import trackers as trackers_module
+from sslbench.training.tracker_backends import flatten_hparams, mlflow_tracking_uri
 from sslbench.training.trackers import (
     TRACKERS,
     PairTrackers,
     TrackerWarning,
     check_tracker_names,
-    flatten_hparams,
-    mlflow_tracking_uri,
     record_metrics,
     result_metrics,
 )
@@ -186,8 +186,8 @@ def test_a_failing_tracker_warns_once_and_the_others_log(
     def broken(*args: Any) -> None:
         raise RuntimeError("store unreachable\nsecond line")
 
-    monkeypatch.setattr(trackers_module._MLflow, "start", broken)
-    monkeypatch.setattr(trackers_module._TensorBoard, "log", broken)
+    monkeypatch.setattr(tracker_backends.MLflowBackend, "start", broken)
+    monkeypatch.setattr(tracker_backends.TensorBoardBackend, "log", broken)
     with pytest.warns(TrackerWarning) as caught:
         trackers = PairTrackers.open(["mlflow", "tensorboard"], run_dir, pair_dir, HPARAMS)
         trackers.log_records(records(2))
@@ -208,7 +208,7 @@ def test_a_tracker_failing_to_log_leaves_the_others(
     pytest.importorskip("tensorboard")
     run_dir, pair_dir = run
 
-    class Broken(trackers_module._Backend):
+    class Broken(tracker_backends.Backend):
         name = "mlflow"
 
         def __init__(self, *args: Any) -> None: ...
@@ -220,7 +220,7 @@ def test_a_tracker_failing_to_log_leaves_the_others(
 
         def close(self, failed: bool) -> None: ...
 
-    monkeypatch.setitem(trackers_module._BACKENDS, "mlflow", Broken)
+    monkeypatch.setitem(tracker_backends.BACKENDS, "mlflow", Broken)
     trackers = PairTrackers.open(["mlflow", "tensorboard"], run_dir, pair_dir, HPARAMS)
     with pytest.warns(TrackerWarning, match="'mlflow' failed while logging .* OSError: disk full"):
         trackers.log_records(records(2))

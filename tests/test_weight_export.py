@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from scrambled_weights import scrambled as _scrambled
 from torch import Tensor, nn
 
 from sslbench import SSLBenchError
@@ -37,18 +38,6 @@ CASES = [
     ("safetensors", "vit_tiny16", 32),
     ("safetensors", "resnet18", 32),
 ]
-
-
-def _scrambled(backbone: Backbone, seed: int) -> Backbone:
-    """Every float weight and buffer (BatchNorm statistics too) scaled and shifted by its own random pair,
-    so a key lost or misplaced on the way changes the features."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in backbone.state_dict().values():
-            if value.is_floating_point():
-                scale, shift = torch.rand(2, generator=generator)
-                value.mul_(0.5 + scale).add_(0.2 * shift - 0.1)
-    return backbone.eval()
 
 
 @pytest.fixture(scope="module")

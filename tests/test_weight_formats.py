@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from scrambled_weights import scrambled as _scrambled
 from torch import Tensor, nn
 
 from sslbench import SSLBenchError
@@ -24,18 +25,6 @@ LIGHTLY_CHILDREN = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "lay
 
 class Opaque:
     """An object no weights-only load may create."""
-
-
-def _scrambled(backbone: Backbone, seed: int) -> Backbone:
-    """Every float weight and buffer (BatchNorm statistics too) scaled and shifted by its own random pair,
-    so every key, and each key's place, changes the features; cheap enough to repeat per test."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in backbone.state_dict().values():
-            if value.is_floating_point():
-                scale, shift = torch.rand(2, generator=generator)
-                value.mul_(0.5 + scale).add_(0.2 * shift - 0.1)
-    return backbone.eval()
 
 
 def _features(backbone: Backbone, images: Tensor) -> dict[str, Tensor]:

@@ -6,16 +6,14 @@ layouts, and every one gives the trained pair's numbers exactly: the same weight
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-from sslbench.cli import main
+from cli_session import read_eval as _eval
+from cli_session import run_cli as _main
 
 TINY = [
     "--epochs", "1", "--batch-size", "8", "--no-progress",
@@ -25,17 +23,6 @@ TINY = [
 ]  # fmt: skip
 EVAL_TINY = ["--no-progress", "--set", "eval.train_per_class=4", "--set", "eval.test_per_class=3",
              "--set", "eval.linear_epochs=2", "--set", "eval.bootstrap_resamples=200"]  # fmt: skip
-
-
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def _eval(folder: Path, pair: str) -> dict[str, Any]:
-    return json.loads((folder / pair / "eval.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
