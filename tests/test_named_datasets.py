@@ -378,3 +378,15 @@ def test_imagefolder_size_as_set_and_unreadable_headers_ignored(tmp_path: Path) 
     assert "image size 96 px, as set" in load_dataset(spec, image_size=96).description
     (tmp_path / "train" / "c0" / "broken.png").write_bytes(b"not a png")
     assert load_dataset(spec).image_size == 20
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_DATASETS))
+def test_every_named_dataset_says_where_it_looked(name: str, tmp_path: Path) -> None:
+    """Each registered dataset, pointed at an empty folder, refuses in one line that names the folder:
+    a dataset added to the registry is held to it the day it lands."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SSLBenchError) as refused:
+        load_dataset(name, root=str(empty))
+    message = str(refused.value)
+    assert str(empty) in message and "\n" not in message
