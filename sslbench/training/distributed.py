@@ -18,6 +18,7 @@ so the single-process path has no branches of its own.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,6 +32,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from sslbench.base.collectives import is_distributed, use_host_group
 from sslbench.models.batch_norm_groups import GroupedBatchNorm
 
+# DDP's flag for "no buffer broadcast every step": torch 2.14 renames broadcast_buffers, with a warning.
+_BUFFER_SYNC_FLAG = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
 # The helper ranks wait in a collective while the main rank evaluates a pair or monitors: allow for it.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
 
@@ -40,11 +47,13 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on the CPU); return this rank's device."""
+    """Join the process group torchrun (or ``sslbench submit``'s job) set up (NCCL on GPUs, gloo on the
+    CPU); return this rank's device."""
     if not launched_by_torchrun() or dist.is_initialized():
         return device
     if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # A scheduler may show each process all of its node's GPUs or only its own: either way, one each.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT)
         use_host_group(dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT))  # stop requests
@@ -132,4 +141,5 @@ def data_parallel(method: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return method
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
+    no_buffer_sync = {_BUFFER_SYNC_FLAG: False}
+    return nn.parallel.DistributedDataParallel(method, device_ids=device_ids, **no_buffer_sync)
