@@ -1,6 +1,7 @@
 """The stop-signal handler's rules: a first SIGINT or SIGTERM while a pair trains asks the step in
 progress to finish, a second Ctrl-C (or a signal outside training) stops at once, a repeated SIGTERM
-does not, and the caller's handlers come back after the run."""
+does not, and the caller's handlers come back after the run. A scheduler's own signal (submitit's
+SIGUSR2) joins them for the length of a job."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from sslbench.training.interrupt import (
     RunInterrupted,
+    also_stop_on,
     ignore_stop_signals,
     stop_on_signals,
     stop_requested,
@@ -160,3 +162,33 @@ def test_data_loader_workers_ignore_the_stop_signals(known_handlers):
     ignore_stop_signals(worker_id=0)
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_a_schedulers_signal_stops_a_run_as_sigterm_does_while_the_job_lasts(known_handlers, capfd):
+    """``sslbench submit``'s job: SIGUSR2 (submitit's warning before a time limit or a preemption) asks the
+    step to finish; the SIGTERM a scheduler may send after it is not a second request; the status says
+    which signal stopped the run, so the job knows to requeue itself."""
+    received: list[int] = []
+
+    def submitits_handler(signum: int, frame: object) -> None:  # what the job has outside the run
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, submitits_handler)
+    try:
+        with also_stop_on(signal.SIGUSR2):
+            stopped = pytest.raises(RunInterrupted, match="pair stopped after training")
+            with stop_on_signals(), stopped as stop, training_section("pair"):
+                _send(signal.SIGUSR2)
+                _send(signal.SIGTERM)  # ignored: the step goes on to its checkpoint
+                assert stop_requested() == signal.SIGUSR2
+            assert "SIGUSR2: finishing this step" in capfd.readouterr().err
+            assert stop.value.exit_status == 128 + signal.SIGUSR2
+            assert signal.getsignal(signal.SIGUSR2) is submitits_handler  # back after the run
+        with stop_on_signals():  # after the job: a plain run leaves SIGUSR2 alone
+            _send(signal.SIGUSR2)
+        assert received == [signal.SIGUSR2] and known_handlers == []
+        with also_stop_on(signal.SIGUSR2):
+            ignore_stop_signals(worker_id=0)  # a loader worker leaves this one to the main process too
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

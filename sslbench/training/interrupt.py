@@ -6,6 +6,10 @@ resumes it. A second Ctrl-C stops at once; a repeated SIGTERM does not (schedule
 process of a job, and torchrun forwards it again; their SIGKILL follows anyway). Outside training
 (loading data, evaluating) the first signal stops at once: the newest checkpoint is then the one to
 resume from. In a distributed run the ranks agree on the request every step, on the host.
+
+Under a scheduler that warns of a preemption or a time limit with a signal of its own (submitit's SIGUSR2,
+see ``sslbench submit``), ``also_stop_on`` makes that signal one more stop signal: the run checkpoints at
+the next step and ``RunInterrupted.signum`` tells the job to requeue itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,22 @@ from types import FrameType
 from sslbench.base.collectives import is_main, max_on_host
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_scheduler_signals: list[int] = []  # the signals ``also_stop_on`` adds (inherited by forked workers)
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a run in this process: SIGINT, SIGTERM and a scheduler's own, if any."""
+    return (*STOP_SIGNALS, *_scheduler_signals)
+
+
+@contextlib.contextmanager
+def also_stop_on(signum: int) -> Iterator[None]:
+    """For the length of a scheduled job, ``signum`` stops a run as SIGTERM does."""
+    _scheduler_signals.append(signum)
+    try:
+        yield
+    finally:
+        _scheduler_signals.remove(signum)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -58,8 +78,8 @@ class _StopRequest:
                 note = f"\nsslbench: {name}: finishing this step and saving a checkpoint"
                 os.write(2, f"{note} (Ctrl-C again stops at once)\n".encode())
             return
-        if signum == signal.SIGTERM and (self.signum is not None or self.stopping):
-            return
+        if signum != signal.SIGINT and (self.signum is not None or self.stopping):
+            return  # a scheduler's signals come again, and to every process: only Ctrl-C insists
         self.stopping = True
         raise RunInterrupted("stopped at once", signum=self.signum or signum)
 
@@ -79,14 +99,15 @@ def agreed_stop() -> int | None:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """For the length of a run, SIGINT and SIGTERM stop it as described above (main thread only: Python
-    delivers signals there; a signal the caller ignores, as a background job's SIGINT, stays ignored)."""
+    """For the length of a run, SIGINT and SIGTERM (and a scheduler's signal) stop it as described above
+    (main thread only: Python delivers signals there; a signal the caller ignores, as a background job's
+    SIGINT, stays ignored)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {
         signum: signal.signal(signum, _request.handle)
-        for signum in STOP_SIGNALS
+        for signum in stop_signals()
         if signal.getsignal(signum) is not signal.SIG_IGN
     }
     _request.signum, _request.stopping = None, False
@@ -119,7 +140,7 @@ def stop_signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
     try:
         yield
     finally:
@@ -129,7 +150,7 @@ def stop_signals_deferred() -> Iterator[None]:
 def ignore_stop_signals(worker_id: int) -> None:
     """A data-loader worker's ``worker_init_fn``: the workers leave stopping to the training process, so
     a Ctrl-C sent to the whole process group does not kill them under a step that is finishing."""
-    for signum in STOP_SIGNALS:
+    for signum in stop_signals():
         signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are now dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())  # pending ones are now dropped
