@@ -147,7 +147,7 @@ def _flatten(run: str, folder: Path, ev: dict[str, Any]) -> dict[str, Any]:
 
 
 # What sslbench writes beside the pairs of a run: attention maps, exports, tracker files.
-RUN_SIDE_FOLDERS = frozenset({"attention", "export", "trackers"})
+RUN_SIDE_FOLDERS = frozenset({"attention", "export", "trackers", "jobs"})
 
 
 def _pair_folders(run_path: Path) -> list[Path]:

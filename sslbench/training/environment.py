@@ -13,6 +13,14 @@ from typing import Any
 import torch
 
 PACKAGES = ("sslbench", "torch", "torchvision", "timm", "numpy", "pandas", "pillow")
+_scheduler_job: dict[str, Any] = {}  # set by a scheduled job (``sslbench submit``) before its run starts
+
+
+def record_scheduler_job(job: dict[str, Any]) -> None:
+    """The scheduler's job this process runs in (id, attempt, log files): saved in environment.json, so a
+    run's numbers lead back to the job and its logs. An empty dict clears it."""
+    _scheduler_job.clear()
+    _scheduler_job.update(job)
 
 
 def _version(package: str) -> str | None:
@@ -51,4 +59,4 @@ def describe_environment(device: torch.device, seed: int) -> dict[str, Any]:
         "seed": seed,
         "packages": {name: _version(name) for name in PACKAGES},
         "git_commit": git_commit(Path(__file__).resolve().parent),
-    }
+    } | ({"job": dict(_scheduler_job)} if _scheduler_job else {})

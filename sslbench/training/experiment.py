@@ -100,16 +100,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out_dir(config: RunConfig, device: torch.device, restart: str) -> tuple[Path, RunLock]:
+def prepare_out_dir(config: RunConfig, restart: str, environment: dict[str, Any]) -> tuple[Path, RunLock]:
     """The run folder (a new unique one by default), locked first, then checked for reuse, with the
-    config and the environment saved in it. Nothing in a folder another run holds is touched."""
+    config and ``environment`` (what runs it) saved in it. Nothing in a folder another run holds is
+    touched."""
     out_dir = make_folder(config.out, "run folder") if config.out else default_run_dir(config.preset)
     lock = RunLock(out_dir).acquire()
     try:
         check_reuse(out_dir, config_to_dict(config), restart)
         write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        environment = describe_environment(device, config.seed) | {"run_id": out_dir.name}
-        write_json_atomic(out_dir / "environment.json", environment)
+        write_json_atomic(out_dir / "environment.json", environment | {"run_id": out_dir.name})
     except BaseException:
         lock.release()
         raise
@@ -215,6 +215,25 @@ class Variant:
     overrides: dict
 
 
+def check_run_request(config: RunConfig, restart: str) -> None:
+    """What can be checked before any data loads: the names (methods, their options, archs, trackers)
+    and the run folder, so a typo is refused at once (and before a job waits in a queue)."""
+    if not config.methods:
+        raise SSLBenchError(
+            f"no method given: name at least one with --methods (valid: {', '.join(list_methods())})"
+        )
+    if not config.archs:
+        raise SSLBenchError(f"no arch given: name at least one with --arch (valid: {', '.join(ARCHS)})")
+    for name in config.methods:
+        get_method(name)
+    for name, options in config.method_options.items():  # a typo in any method's section is caught early
+        build_dataclass(get_method(name).Config, options, name)
+    for arch in config.archs:
+        arch_spec(arch)
+    check_tracker_names(config.trackers)
+    check_out_dir(config.out, restart)
+
+
 def run_benchmark(
     config: RunConfig,
     show_progress: bool = True,
@@ -228,24 +247,13 @@ def run_benchmark(
     holds a run: refuse ("new"), continue it ("resume": finished pairs are kept, the others continue
     from their newest checkpoint) or start it over ("force").
     """
-    if not config.methods:
-        raise SSLBenchError(
-            f"no method given: name at least one with --methods (valid: {', '.join(list_methods())})"
-        )
-    if not config.archs:
-        raise SSLBenchError(f"no arch given: name at least one with --arch (valid: {', '.join(ARCHS)})")
+    check_run_request(config, restart)
     methods = {name: get_method(name) for name in config.methods}
-    for name, options in config.method_options.items():  # a typo in any method's section is caught early
-        build_dataclass(get_method(name).Config, options, name)
-    for arch in config.archs:
-        arch_spec(arch)
-    check_out_dir(config.out, restart)  # before the data loads: a typo in --out is refused at once
     device = init_distributed(resolve_device(config.device))  # this rank's device under torchrun
     data = load_dataset(
         config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
     )
     eval_data = evaluation_data(config, data)
-    check_tracker_names(config.trackers)
     variant_configs: list[tuple[str | None, RunConfig]] = [(None, config)]
     if variants:
         base = config_to_dict(config)
@@ -280,7 +288,7 @@ def run_benchmark(
 
     def claim() -> Path:
         nonlocal lock
-        folder, lock = prepare_out_dir(config, device, restart)
+        folder, lock = prepare_out_dir(config, restart, describe_environment(device, config.seed))
         return folder
 
     out_dir = on_main(claim)  # every rank agrees on the folder; the main rank holds its lock

@@ -25,6 +25,7 @@ from sslbench.evaluation.features import feature_precision
 from sslbench.models.backbones import arch_spec, create_backbone, effective_patch_size, set_fused_attention
 from sslbench.models.weight_formats import load_backbone_weights
 from sslbench.reporting.tables import load_results, write_report
+from sslbench.training.environment import describe_environment
 from sslbench.training.experiment import RunOutcome, evaluation_data, prepare_out_dir, resolve_device
 from sslbench.training.runner import evaluation_fields, evaluation_protocol, seed_everything
 from sslbench.training.step import fused_attention_for, memory_format_for
@@ -90,7 +91,8 @@ def evaluate_weights(
         config.dataset, config.data_root, config.image_size, config.download, bad_images=config.bad_images
     )
     eval_data = evaluation_data(config, data) or data
-    out_dir, lock = prepare_out_dir(config, device, restart)
+    environment = describe_environment(device, config.seed)
+    out_dir, lock = prepare_out_dir(config, restart, environment)
     failed: list[str] = []
     try:
         for spec, folder in zip(specs, _folder_names(specs, arch), strict=True):
