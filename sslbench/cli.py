@@ -1,4 +1,4 @@
-"""Command line: ``sslbench run | ablate | eval | export | attention | list | report``.
+"""Command line: ``sslbench run | submit | ablate | eval | export | attention | list | report``.
 
 A user-facing error (``SSLBenchError``) prints one message and exits with status 2, no traceback.
 """
@@ -167,6 +167,12 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from sslbench.cli_submit import command_submit  # imports this module: loaded when used
+
+    return command_submit(args, argv)
+
+
 def command_attention(args: argparse.Namespace) -> int:
     from sslbench.evaluation.attention import write_attention_report
 
@@ -223,9 +229,9 @@ def launcher() -> list[str]:
     return ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "sslbench"]
 
 
-def resume_command(argv: Sequence[str], out_dir: Path, prefix: Sequence[str] = ("sslbench",)) -> str:
-    """The command that continues an interrupted run: the same arguments, ``--out`` the run's folder,
-    ``--resume`` in place of ``--force``."""
+def resumed_argv(argv: Sequence[str], out_dir: Path) -> list[str]:
+    """The arguments that continue a run: the same ones, ``--out`` the run's folder, ``--resume`` in place
+    of ``--force``."""
     kept: list[str] = []
     tokens = iter(argv)
     for token in tokens:
@@ -236,10 +242,15 @@ def resume_command(argv: Sequence[str], out_dir: Path, prefix: Sequence[str] = (
             continue
         if not token.startswith("--out="):
             kept.append(token)
-    return shlex.join([*prefix, *kept, "--out", str(out_dir), "--resume"])
+    return [*kept, "--out", str(out_dir), "--resume"]
 
 
-def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str]) -> int:
+def resume_command(argv: Sequence[str], out_dir: Path, prefix: Sequence[str] = ("sslbench",)) -> str:
+    """The command that continues an interrupted run, as a shell line."""
+    return shlex.join([*prefix, *resumed_argv(argv, out_dir)])
+
+
+def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str], resume_hint: str | None = None) -> int:
     """What was kept, and the exact command that goes on from it (said once, by the main rank)."""
     if not isinstance(stop, RunInterrupted) or stop.out_dir is None:  # before a run folder was made
         print("sslbench: interrupted", file=sys.stderr)
@@ -247,15 +258,18 @@ def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str]) -> int:
     if stop.main:
         prefix = launcher()
         nodes = " (and the same torchrun options for more than one node)" if prefix[0] == "torchrun" else ""
+        command = resume_hint or resume_command(argv, stop.out_dir, prefix)
         print(
             f"sslbench: interrupted: {stop.what}. Finished pairs are kept in {stop.out_dir}; to go on from "
-            f"the newest checkpoints{nodes}:\n  {resume_command(argv, stop.out_dir, prefix)}",
+            f"the newest checkpoints{nodes if not resume_hint else ''}:\n  {command}",
             file=sys.stderr,
         )
     return stop.exit_status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, resume_hint: str | None = None) -> int:
+    """``sslbench ARGV``; ``resume_hint`` replaces the resume command an interrupted run prints (a
+    submitted job's is ``sslbench submit ... --resume``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
@@ -266,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": command_eval,
             "export": command_export,
             "attention": command_attention,
+            "submit": lambda args: _command_submit(args, argv),
         }
         if args.command in commands:
             try:
@@ -282,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as stop:  # a run stopped on a signal says how to resume it
-        return _interrupted(stop, argv)
+        return _interrupted(stop, argv, resume_hint)
 
 
 if __name__ == "__main__":

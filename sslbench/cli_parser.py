@@ -168,12 +168,46 @@ def _add_export_command(commands: Any) -> None:
     export.add_argument("--overwrite", action="store_true", help="replace files an earlier export wrote")
 
 
+# ``submit``'s own flags (everything else it takes is ``run``'s, passed to the job unchanged). Defaults
+# follow the DINO reference's run_with_submitit.py: 2800 minutes, 10 CPUs a task, 120 s of warning.
+JOB_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--cluster", {"choices": ["slurm", "local"], "default": "slurm",
+                   "help": "slurm (default), or local: the job on this machine (submitit's local executor)"}),
+    ("--nodes", {"type": int, "default": 1, "help": "nodes (default 1)"}),
+    ("--gpus-per-node", {"type": int, "default": 1, "help": "GPUs per node (default 1; 0 for a CPU job)"}),
+    ("--tasks-per-node", {"type": int, "help": "processes per node (default: one per GPU, at least one)"}),
+    ("--cpus-per-task", {"type": int, "default": 10, "help": "CPUs per process (default 10)"}),
+    ("--mem-gb", {"type": float, "help": "memory per node in GB (default 40 per GPU)"}),
+    ("--partition", {"help": "the Slurm partition"}),
+    ("--time", {"default": "2800", "help": "time limit: minutes or [D-]HH:MM[:SS] (default 2800)"}),
+    ("--account", {"help": "the Slurm account to charge"}),
+    ("--qos", {"help": "the Slurm quality of service"}),
+    ("--constraint", {"help": "a Slurm node constraint, e.g. volta32gb"}),
+    ("--job-name", {"help": "the job's name (default sslbench)"}),
+    ("--signal-delay-s", {"type": int, "default": 120,
+                          "help": "seconds before the time limit to checkpoint and requeue (default 120)"}),
+    ("--wait", {"action": "store_true", "help": "wait for the job to end, then print its table"}),
+)  # fmt: skip
+
+
+def _add_submit_command(commands: Any) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="run as one Slurm job (submitit): nodes x GPUs, requeued with --resume on preemption/time-out",
+    )
+    _add_run_arguments(submit)
+    job = submit.add_argument_group("the job")
+    for name, spec in JOB_OPTIONS:
+        job.add_argument(name, **spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sslbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train and evaluate methods x archs, then write the tables")
     _add_run_arguments(run)
+    _add_submit_command(commands)
 
     ablate = commands.add_parser(
         "ablate", help="train variants of one method under one schedule; ablation table"

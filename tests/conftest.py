@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +37,15 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in set(sys.modules) - before:
         if name.startswith("sslbench_plugin_"):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_dino_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_resume's tiny DINO run, run whole once: the numbers a killed, signalled or requeued run of the
+    same config must end with."""
+    from test_resume import RUN, _env
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = subprocess.run([*RUN, f"--out={out}"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 from pathlib import Path
 
-from sslbench.cli import main
+from sslbench.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "simsiam.py"
@@ -25,10 +27,13 @@ def test_readme_shows_the_example_file_verbatim() -> None:
 
 def test_readme_commands_use_real_flags() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert 'pip install -e ".[dev,track]"' in readme and "\npytest\n" in readme
+    assert 'pip install -e ".[dev,track,submit]"' in readme and "\npytest\n" in readme
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert 'pip install -q -e ".[dev,track]"' in ci  # the README's install is what CI installs
+    assert 'pip install -q -e ".[dev,track,submit]"' in ci  # the README's install is what CI installs
     assert "sslbench run --methods dino,byol --arch vit_s16" in readme
+    submit = re.search(r"^sslbench submit (.*)$", readme.replace("\\\n", ""), re.MULTILINE)
+    args = build_parser().parse_args(["submit", *shlex.split(submit[1])])  # every flag shown is real
+    assert (args.nodes, args.gpus_per_node, args.time) == (2, 8, "2800")
 
 
 def test_example_plugin_runs_end_to_end(tmp_path: Path, isolated_registry: None) -> None:

@@ -61,10 +61,8 @@ def _newest_iteration(out: Path) -> int:
     return int(files[-1].stem.split("-")[1]) if files else 0
 
 
-def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run([*RUN, f"--out={whole}"], capture_output=True, text=True, env=_env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path, uninterrupted_dino_run):
+    whole, killed = uninterrupted_dino_run, tmp_path / "killed"
 
     process = subprocess.Popen([*RUN, f"--out={killed}"], env=_env(), stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
