@@ -18,6 +18,7 @@ from sslbench.training.interrupt import (
     stop_on_signals,
     stop_requested,
     training_section,
+    worker_signal_setup,
 )
 
 SIGNALS = [pytest.param(signal.SIGINT, 130, id="SIGINT"), pytest.param(signal.SIGTERM, 143, id="SIGTERM")]
@@ -188,7 +189,8 @@ def test_a_schedulers_signal_stops_a_run_as_sigterm_does_while_the_job_lasts(kno
             _send(signal.SIGUSR2)
         assert received == [signal.SIGUSR2] and known_handlers == []
         with also_stop_on(signal.SIGUSR2):
-            ignore_stop_signals(worker_id=0)  # a loader worker leaves this one to the main process too
+            worker_init = worker_signal_setup()  # what the job's training loader is given
+        worker_init(0)  # as in a spawned worker, which has none of the job's state: the signal is bound in
         assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR2, previous)

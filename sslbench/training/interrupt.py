@@ -15,10 +15,11 @@ the next step and ``RunInterrupted.signum`` tells the job to requeue itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -147,10 +148,18 @@ def stop_signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int, signals: tuple[int, ...] | None = None) -> None:
     """A data-loader worker's ``worker_init_fn``: the workers leave stopping to the training process, so
-    a Ctrl-C sent to the whole process group does not kill them under a step that is finishing."""
-    for signum in stop_signals():
+    a Ctrl-C sent to the whole process group does not kill them under a step that is finishing.
+    ``signals`` (default: this process's stop signals) is given by ``worker_signal_setup``."""
+    signals = stop_signals() if signals is None else signals
+    for signum in signals:
         signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())  # pending ones are now dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # pending ones are now dropped
+
+
+def worker_signal_setup() -> Callable[[int], None]:
+    """``ignore_stop_signals`` with the stop signals of now bound in: a worker started by spawn or
+    forkserver (not fork) does not inherit a scheduler's signal that ``also_stop_on`` added here."""
+    return functools.partial(ignore_stop_signals, signals=stop_signals())

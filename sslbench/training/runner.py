@@ -43,7 +43,7 @@ from sslbench.models.backbones import (
 )
 from sslbench.training.checkpoint import Checkpointing
 from sslbench.training.distributed import data_parallel, sync_batch_norm
-from sslbench.training.interrupt import ignore_stop_signals, training_section
+from sslbench.training.interrupt import training_section, worker_signal_setup
 from sslbench.training.loop import train_loop
 from sslbench.training.step import fused_attention_for, memory_format_for, precision_for
 
@@ -157,7 +157,7 @@ def training_data(
         # Its own generator for the workers' base seed, so starting an epoch's iterator never draws
         # from the global generator (a resumed run then draws exactly what an uninterrupted one does).
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=ignore_stop_signals,  # the main process stops the run; workers wait for it
+        worker_init_fn=worker_signal_setup(),  # the main process stops the run; workers wait for it
     )
     return loader, make_views, generator
 
