@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from sslbench.base.collectives import gather_with_grad, on_main
+from sslbench.base.errors import SSLBenchError
 from sslbench.data.datasets import ArraySource
 from sslbench.data.sampling import EpochSampler, SeededViews, sample_seed
 from sslbench.models.backbones import create_backbone
-from sslbench.training.distributed import CrossRankBatchNorm, sync_batch_norm
+from sslbench.training.distributed import CrossRankBatchNorm, _local_gpu, sync_batch_norm
 from sslbench.training.runner import seed_everything
 
 # Every built-in method with an operation over the batch (or masks drawn for it), on the backbone it trains.
@@ -257,3 +258,10 @@ def test_cross_rank_batch_norm_keeps_fp32_statistics_under_bf16(monkeypatch):
     assert y.dtype == torch.bfloat16 and crossed.running_mean.dtype == torch.float32
     torch.testing.assert_close(y.float(), reference(x.float()), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(crossed.running_var, reference.running_var)
+
+
+def test_each_process_takes_its_own_gpu_whether_it_sees_the_nodes_or_only_its_own():
+    assert [_local_gpu(rank, 8) for rank in range(8)] == list(range(8))  # torchrun, or Slurm's default
+    assert _local_gpu(5, 1) == 0  # a scheduler that binds one GPU to each task
+    with pytest.raises(SSLBenchError, match="process 8 of this node sees 8 GPU"):
+        _local_gpu(8, 8)  # more processes than GPUs: refused, not two ranks sharing one GPU

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sslbench.base.collectives import is_distributed, use_host_group
+from sslbench.base.errors import SSLBenchError
 from sslbench.models.batch_norm_groups import GroupedBatchNorm
 
 # DDP's flag for "no buffer broadcast every step": torch 2.14 renames broadcast_buffers, with a warning.
@@ -52,14 +53,25 @@ def init_distributed(device: torch.device) -> torch.device:
     if not launched_by_torchrun() or dist.is_initialized():
         return device
     if device.type == "cuda":
-        # A scheduler may show each process all of its node's GPUs or only its own: either way, one each.
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        local_rank = _local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT)
         use_host_group(dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT))  # stop requests
         return torch.device("cuda", local_rank)
     dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return device
+
+
+def _local_gpu(local_rank: int, visible: int) -> int:
+    """This process's GPU: LOCAL_RANK's among the node's, or the one GPU a scheduler bound it to."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise SSLBenchError(
+            f"process {local_rank} of this node sees {visible} GPU(s): start one process per GPU "
+            "(torchrun --nproc_per_node, or sslbench submit --tasks-per-node)"
+        )
+    return local_rank
 
 
 def shutdown_distributed() -> None:
