@@ -250,12 +250,24 @@ def resume_command(argv: Sequence[str], out_dir: Path, prefix: Sequence[str] = (
     return shlex.join([*prefix, *resumed_argv(argv, out_dir)])
 
 
-def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str], resume_hint: str | None = None) -> int:
-    """What was kept, and the exact command that goes on from it (said once, by the main rank)."""
+def _interrupted(
+    stop: KeyboardInterrupt,
+    argv: Sequence[str],
+    resume_hint: str | None = None,
+    requeue_signal: int | None = None,
+) -> int:
+    """What was kept, and the exact command that goes on from it (said once, by the main rank); in a job
+    that requeues itself on ``requeue_signal``, that it does."""
     if not isinstance(stop, RunInterrupted) or stop.out_dir is None:  # before a run folder was made
         print("sslbench: interrupted", file=sys.stderr)
-        return 130
-    if stop.main:
+        return stop.exit_status if isinstance(stop, RunInterrupted) else 130
+    if stop.main and stop.signum == requeue_signal:
+        print(
+            f"sslbench: interrupted: {stop.what}. Finished pairs are kept in {stop.out_dir}; the job "
+            "requeues itself and goes on from the newest checkpoints",
+            file=sys.stderr,
+        )
+    elif stop.main:
         prefix = launcher()
         nodes = " (and the same torchrun options for more than one node)" if prefix[0] == "torchrun" else ""
         command = resume_hint or resume_command(argv, stop.out_dir, prefix)
@@ -267,9 +279,11 @@ def _interrupted(stop: KeyboardInterrupt, argv: Sequence[str], resume_hint: str 
     return stop.exit_status
 
 
-def main(argv: Sequence[str] | None = None, resume_hint: str | None = None) -> int:
-    """``sslbench ARGV``; ``resume_hint`` replaces the resume command an interrupted run prints (a
-    submitted job's is ``sslbench submit ... --resume``)."""
+def main(
+    argv: Sequence[str] | None = None, resume_hint: str | None = None, requeue_signal: int | None = None
+) -> int:
+    """``sslbench ARGV``. In a submitted job, ``resume_hint`` replaces the resume command an interrupted
+    run prints (``sslbench submit ... --resume``), and a stop on ``requeue_signal`` says the job requeues."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
@@ -297,7 +311,7 @@ def main(argv: Sequence[str] | None = None, resume_hint: str | None = None) -> i
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as stop:  # a run stopped on a signal says how to resume it
-        return _interrupted(stop, argv, resume_hint)
+        return _interrupted(stop, argv, resume_hint, requeue_signal)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from sslbench.training.experiment import check_run_request, prepare_out_dir
 from sslbench.training.interrupt import also_stop_on
 
 JOBS_FOLDER = "jobs"  # RUN/jobs/: submitit's pickles and the job's logs, <job id>_<rank>_log.out / .err
+HOW_TO_RUN = {"slurm_additional_parameters", "slurm_srun_args"}  # script options, not what was asked
 MEM_GB_PER_GPU = 40  # the DINO reference's run_with_submitit.py: mem_gb=40 * num_gpus_per_node
 
 
@@ -88,6 +89,9 @@ def job_parameters(args: argparse.Namespace) -> dict[str, Any]:
     slurm = {"partition": args.partition, "account": args.account, "qos": args.qos}
     slurm |= {"constraint": args.constraint, "signal_delay_s": args.signal_delay_s}
     slurm["additional_parameters"] = {"requeue": True}
+    # srun: a rank that dies ends the job (no torchrun agent does it here), and every task gets its CPUs
+    # (Slurm 22.05-23.02's srun does not inherit --cpus-per-task from the batch script).
+    slurm["srun_args"] = ["--kill-on-bad-exit=1", f"--cpus-per-task={args.cpus_per_task}"]
     return parameters | {f"slurm_{key}": value for key, value in slurm.items() if value is not None}
 
 
@@ -162,7 +166,7 @@ class SubmittedRun:
         sys.argv = ["sslbench", *self.run_argv]  # what environment.json records as the command
         warning = warning_signal()
         with also_stop_on(warning):
-            status = main(list(self.run_argv), resume_hint=self.resume_hint)
+            status = main(list(self.run_argv), resume_hint=self.resume_hint, requeue_signal=warning)
         if status == 128 + warning:
             print(
                 f"sslbench: requeueing job {env.job_id}: attempt {self.attempt + 1} resumes {self.out_dir}",
@@ -171,6 +175,8 @@ class SubmittedRun:
             )
             requeue.checkpoint_and_try_requeue(warning)  # the global rank 0 requeues, and exits
             return status
+        if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # cancelled, or a requeue by Slurm:
+            sys.exit(status)  # no result file, as submitit's own requeue leaves none
         if status != 0:
             raise RuntimeError(f"sslbench run ended with status {status}; its log: {env.paths.stderr}")
         return status
@@ -202,8 +208,7 @@ def command_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     restart = _restart(args)
     check_run_request(config, restart)
     parameters = job_parameters(args)
-    asked = {key.removeprefix("slurm_"): value for key, value in parameters.items()}
-    asked.pop("additional_parameters")
+    asked = {key.removeprefix("slurm_"): value for key, value in parameters.items() if key not in HOW_TO_RUN}
     submission = {"submitted_command": ["sslbench", *argv], "asked": asked}
     environment = {"command": ["sslbench", *argv], "job": {"scheduler": args.cluster, **submission}}
     check_cluster(args.cluster)
@@ -211,7 +216,9 @@ def command_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     lock.release()
     out_dir = out_dir.resolve()
     executor = make_executor(args.cluster, parameters, out_dir / JOBS_FOLDER)
-    run_argv = resumed_argv(["run", *job_argv(argv)[1:]], out_dir)
+    run_flags = job_argv(argv)[1:]
+    quiet = [] if "--no-progress" in run_flags else ["--no-progress"]  # a progress bar garbles a log file
+    run_argv = resumed_argv(["run", *run_flags, *quiet], out_dir)
     hint = resume_command(argv, out_dir)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal: said below
@@ -234,10 +241,11 @@ def _wait(job: Any, out_dir: Path) -> int:
     from sslbench.reporting.tables import format_table_text, load_results
 
     try:
-        status = job.result()
+        statuses = job.results()  # one per process; the helper ranks' are 0
     except Exception as error:  # the job failed: submitit's message ends with its traceback
         last = str(error).strip().splitlines()[-1:] or ["no message"]
         raise SSLBenchError(f"job {job.job_id} failed ({last[0]}); its log: {job.paths.stderr}") from None
+    status = next((status for status in statuses if status), 0)
     print(format_table_text(load_results([out_dir])))
     print(f"\njob {job.job_id} ended; wrote {out_dir}")
     return int(status)

@@ -22,7 +22,8 @@ from test_resume import PAIR, RUN, _env, _newest_iteration
 
 submitit = pytest.importorskip("submitit")
 
-from sslbench.cli_submit import join_process_group, minutes  # noqa: E402 - after the skip
+from sslbench.base.errors import SSLBenchError  # noqa: E402 - after the skip
+from sslbench.cli_submit import _wait, join_process_group, minutes  # noqa: E402
 
 LOCAL_JOB = ["--cluster=local", "--gpus-per-node=0"]
 
@@ -56,8 +57,7 @@ def test_a_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_nu
     job_log = (out / "jobs" / f"{job_id}_0_log.err").read_text()
     assert "sslbench: SIGUSR2: finishing this step and saving a checkpoint" in job_log
     stopped_at = int(re.search(rf"{PAIR} stopped after (\d+) completed iteration", job_log)[1])
-    resume = shlex.join(["sslbench", "submit", *RUN[4:], *LOCAL_JOB, "--wait", "--out", str(out), "--resume"])
-    assert f"the newest checkpoints:\n  {resume}\n" in job_log  # by hand, had the job not requeued
+    assert "the job requeues itself and goes on from the newest checkpoints" in job_log
     assert f"sslbench: requeueing job {job_id}: attempt 2 resumes {out}" in job_log
     assert "Traceback" not in job_log
 
@@ -92,33 +92,64 @@ def _stand_in_slurm(
 
 
 def test_submit_writes_the_run_folder_first_and_asks_slurm_for_the_flags(tmp_path, monkeypatch):
-    kept = _stand_in_slurm(tmp_path / "bin", monkeypatch)
     out = tmp_path / "run"
+    config = shlex.quote(str(out / "config.yaml"))
+    first = f'test -f {config} || {{ echo "no run folder yet" >&2; exit 3; }}'  # queued only after it
+    kept = _stand_in_slurm(tmp_path / "bin", monkeypatch, answer=f'{first}; echo "Submitted batch job 4242"')
     run_flags = ["--methods=dino", "--arch=resnet18", "--epochs=1", "--set=train.lr=0.001"]
-    job_flags = ["--nodes=2", "--gpus-per-node", "8", "--partition=learnlab", "--time=1-00:00:00"]
-    code, said, err = run_cli(["submit", *run_flags, *job_flags, "--account", "ssl", f"--out={out}"])
+    job_flags = ["--nodes=2", "--gpus-per-node", "8", "--partition=learnlab", "--time=1-00:00:00",
+                 "--account", "ssl", "--qos=high", "--constraint=volta32gb", "--job-name=dino-r18",
+                 "--cpus-per-task=12", "--mem-gb=480", "--signal-delay-s=300"]  # fmt: skip
+    code, said, err = run_cli(["submit", *run_flags, *job_flags, f"--out={out}"])
     assert code == 0, err
     jobs = out / "jobs"
     assert f"submitted job 4242 (slurm) for run folder {out}\nlogs: {jobs}/4242_0_log.out\n" in said
 
     script = kept.read_text()
-    asked = ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=320GB",
-             "--partition=learnlab", "--time=1440", "--account=ssl", "--signal=USR2@120", "--requeue",
-             f"--output={jobs}/%j_0_log.out", "--job-name=sslbench"]  # fmt: skip
+    asked = ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--mem=480GB",
+             "--partition=learnlab", "--time=1440", "--account=ssl", "--qos=high", "--constraint=volta32gb",
+             "--job-name=dino-r18", "--signal=USR2@300", "--requeue",
+             f"--output={jobs}/%j_0_log.out"]  # fmt: skip
     for option in asked:
         assert f"#SBATCH {option}\n" in script, option
-    assert f"srun --unbuffered --output {jobs}/%j_%t_log.out" in script  # one process per task
+    srun = f"srun --unbuffered --output {jobs}/%j_%t_log.out --error {jobs}/%j_%t_log.err"
+    assert f"{srun} --kill-on-bad-exit=1 --cpus-per-task=12 " in script  # one process per task
 
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.001  # before any job runs
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.001
     environment = json.loads((out / "environment.json").read_text())
     assert environment["job"]["asked"]["nodes"] == 2 and environment["job"]["scheduler"] == "slurm"
     job = submitit.core.utils.DelayedSubmission.load(jobs / "4242_submitted.pkl").function
-    assert list(job.run_argv) == ["run", *run_flags, "--out", str(out), "--resume"]  # the job's flags gone
-    assert job.resume_hint == shlex.join(
-        ["sslbench", "submit", *run_flags, *job_flags, "--account", "ssl", "--out", str(out), "--resume"]
-    )
+    expected = ["run", *run_flags, "--no-progress", "--out", str(out), "--resume"]  # the job's flags gone
+    assert list(job.run_argv) == expected
+    by_hand = ["sslbench", "submit", *run_flags, *job_flags, "--out", str(out), "--resume"]
+    assert job.resume_hint == shlex.join(by_hand)
     requeued = job.checkpoint().function  # what a requeue queues: the next attempt at the same run
     assert requeued.attempt == 2 and requeued.run_argv == job.run_argv
+
+
+class _EndedJob:
+    """What submitit's job object answers once every task has ended."""
+
+    job_id = "4242"
+    paths = type("Paths", (), {"stderr": Path("jobs/4242_0_log.err")})
+
+    def __init__(self, statuses: list[int] | Exception) -> None:
+        self.statuses = statuses
+
+    def results(self) -> list[int]:
+        if isinstance(self.statuses, Exception):
+            raise self.statuses
+        return self.statuses
+
+
+def test_wait_prints_the_table_and_the_status_of_every_process(capsys):
+    committed = Path(__file__).resolve().parents[1] / "results" / "examples" / "quick-vit_s16"
+    assert _wait(_EndedJob([0, 0, 0, 0]), committed) == 0  # a job of 4 processes
+    said = capsys.readouterr().out
+    assert "| dino " in said and f"job 4242 ended; wrote {committed}" in said
+    assert _wait(_EndedJob([0, 1]), committed) == 1  # the main rank's pair failed: not hidden
+    with pytest.raises(SSLBenchError, match=r"job 4242 failed \(RuntimeError: boom\); its log: jobs/4242_0"):
+        _wait(_EndedJob(RuntimeError("Traceback ...\nRuntimeError: boom")), committed)
 
 
 def test_a_job_slurm_refuses_says_what_slurm_said_and_how_to_submit_again(tmp_path, monkeypatch):
