@@ -32,8 +32,9 @@ from sslbench.base.errors import SSLBenchError
 from sslbench.cli import _resolve_run_config, _restart, main, resume_command, resumed_argv
 from sslbench.cli_parser import JOB_OPTIONS
 from sslbench.training.environment import record_scheduler_job
-from sslbench.training.experiment import check_run_request, prepare_out_dir
+from sslbench.training.experiment import check_run_request
 from sslbench.training.interrupt import also_stop_on
+from sslbench.training.run_folder import prepare_out_dir
 
 JOBS_FOLDER = "jobs"  # RUN/jobs/: submitit's pickles and the job's logs, <job id>_<rank>_log.out / .err
 HOW_TO_RUN = {"slurm_additional_parameters", "slurm_srun_args"}  # script options, not what was asked

@@ -19,10 +19,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from sslbench.base.atomic_io import make_folder, write_json_atomic, write_text_atomic
+from sslbench.base.atomic_io import write_json_atomic, write_text_atomic
 from sslbench.base.collectives import is_main, on_main, world_size
 from sslbench.base.errors import SSLBenchError
 from sslbench.config import RunConfig, build_dataclass, config_to_dict, resolve_config
@@ -37,7 +36,7 @@ from sslbench.training.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from sslbench.training.distributed import init_distributed
 from sslbench.training.environment import describe_environment
 from sslbench.training.interrupt import RunInterrupted, agreed_stop, stop_on_signals
-from sslbench.training.run_folder import RunLock, check_out_dir, check_reuse, default_run_dir
+from sslbench.training.run_folder import RunLock, check_out_dir, prepare_out_dir
 from sslbench.training.runner import PairPlan, plan_pair, training_source
 from sslbench.training.tracked_pair import report_to_trackers, train_tracked
 from sslbench.training.trackers import check_tracker_names
@@ -98,22 +97,6 @@ def resolve_device(name: str) -> torch.device:
             f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
         )
     return device
-
-
-def prepare_out_dir(config: RunConfig, restart: str, environment: dict[str, Any]) -> tuple[Path, RunLock]:
-    """The run folder (a new unique one by default), locked first, then checked for reuse, with the
-    config and ``environment`` (what runs it) saved in it. Nothing in a folder another run holds is
-    touched."""
-    out_dir = make_folder(config.out, "run folder") if config.out else default_run_dir(config.preset)
-    lock = RunLock(out_dir).acquire()
-    try:
-        check_reuse(out_dir, config_to_dict(config), restart)
-        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        write_json_atomic(out_dir / "environment.json", environment | {"run_id": out_dir.name})
-    except BaseException:
-        lock.release()
-        raise
-    return out_dir, lock
 
 
 def check_batch_fits(plan: PairPlan, config: RunConfig, data: DatasetSplits) -> None:

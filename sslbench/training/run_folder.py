@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from sslbench.base.atomic_io import make_folder
+from sslbench.base.atomic_io import make_folder, write_json_atomic, write_text_atomic
 from sslbench.base.errors import SSLBenchError
+from sslbench.config import RunConfig, config_to_dict
 
 LOCK_NAME = ".lock"
 RESTART_MODES = ("new", "resume", "force")
@@ -134,6 +135,22 @@ def check_reuse(out_dir: Path, current: dict[str, Any], restart: str) -> None:
             f"cannot resume {out_dir}: its config differs in {'; '.join(differences)}. Resume with the "
             "same config, or use --force to start it over"
         )
+
+
+def prepare_out_dir(config: RunConfig, restart: str, environment: dict[str, Any]) -> tuple[Path, RunLock]:
+    """The run folder (a new unique one by default), locked first, then checked for reuse, with the
+    config and ``environment`` (what runs it) saved in it. Nothing in a folder another run holds is
+    touched."""
+    out_dir = make_folder(config.out, "run folder") if config.out else default_run_dir(config.preset)
+    lock = RunLock(out_dir).acquire()
+    try:
+        check_reuse(out_dir, config_to_dict(config), restart)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        write_json_atomic(out_dir / "environment.json", environment | {"run_id": out_dir.name})
+    except BaseException:
+        lock.release()
+        raise
+    return out_dir, lock
 
 
 class RunLock:

@@ -26,7 +26,8 @@ from sslbench.models.backbones import arch_spec, create_backbone, effective_patc
 from sslbench.models.weight_formats import load_backbone_weights
 from sslbench.reporting.tables import load_results, write_report
 from sslbench.training.environment import describe_environment
-from sslbench.training.experiment import RunOutcome, evaluation_data, prepare_out_dir, resolve_device
+from sslbench.training.experiment import RunOutcome, evaluation_data, resolve_device
+from sslbench.training.run_folder import prepare_out_dir
 from sslbench.training.runner import evaluation_fields, evaluation_protocol, seed_everything
 from sslbench.training.step import fused_attention_for, memory_format_for
 
